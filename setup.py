@@ -1,0 +1,31 @@
+"""pyllama-jax: LLaMA-family models in JAX/Flax, small, fast and easy to study."""
+from setuptools import find_packages, setup
+
+setup(
+    name="pyllama_jax",
+    version="0.1.0",
+    description="LLaMA in JAX/Flax: load Meta/HF/GGUF checkpoints, GPTQ 2/3/4/8-bit, sharding, serving, fine-tuning",
+    packages=find_packages(include=["pyllama_jax", "pyllama_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2",
+        "orbax-checkpoint>=0.11",
+        "ml_collections>=1.0",
+        "absl-py>=2.0",
+        "numpy>=1.26",
+        "safetensors>=0.4",
+        "gguf>=0.10",
+        "sentencepiece>=0.2",
+        "tokenizers>=0.20",
+        "jinja2>=3.1",
+        "tqdm>=4.60",
+        "matplotlib>=3.7",
+    ],
+    extras_require={
+        # PyTorch-side peers: checkpoint .pth/.bin reading, HF parity tests, benchmarks.
+        "torch": ["torch>=2.4"],
+        "test": ["pytest>=8", "transformers>=5.0", "accelerate>=1.0", "datasets>=3.0", "openai>=1.0"],
+    },
+)
