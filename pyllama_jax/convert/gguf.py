@@ -1,0 +1,100 @@
+"""Read llama GGUF files (llama.cpp's format): config, tensors (dequantized), tokenizer fields."""
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator
+
+import numpy as np
+
+from pyllama_jax.model.config import ModelConfig
+from pyllama_jax.model.params import permute_rope
+
+_LAYER_NAMES = {
+    "attn_norm.weight": "attn_norm.scale", "ffn_norm.weight": "mlp_norm.scale",
+    "attn_q.weight": "attn.q.kernel", "attn_k.weight": "attn.k.kernel",
+    "attn_v.weight": "attn.v.kernel", "attn_output.weight": "attn.o.kernel",
+    "ffn_gate.weight": "mlp.gate.kernel", "ffn_up.weight": "mlp.up.kernel",
+    "ffn_down.weight": "mlp.down.kernel",
+}
+_TOP_NAMES = {"token_embd.weight": "embed", "output_norm.weight": "norm.scale",
+              "output.weight": "lm_head.kernel"}
+
+
+class GGUFFile:
+    """A memory-mapped GGUF file with its metadata as plain Python values."""
+
+    def __init__(self, path: str | os.PathLike):
+        import gguf
+
+        self.path = str(path)
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(f"GGUF file not found: {self.path}")
+        try:
+            self.reader = gguf.GGUFReader(self.path)
+        except Exception as e:  # the gguf package raises assorted errors on damaged files
+            raise ValueError(f"{self.path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
+        self.fields: dict[str, Any] = {k: f.contents() for k, f in self.reader.fields.items()
+                                       if not k.startswith("GGUF.")}
+        arch = self.fields.get("general.architecture")
+        if arch != "llama":
+            raise ValueError(f"{self.path}: general.architecture is {arch!r}, expected 'llama'")
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.fields.get(key, default)
+
+    def require(self, key: str) -> Any:
+        if key not in self.fields:
+            raise ValueError(f"{self.path}: metadata field {key!r} is missing")
+        return self.fields[key]
+
+    def config(self, **overrides: Any) -> ModelConfig:
+        names = {t.name for t in self.reader.tensors}
+        if "rope_freqs.weight" in names:
+            raise ValueError(f"{self.path}: per-frequency RoPE factors (rope_freqs.weight) are not "
+                             "supported; load this model from its HF folder instead")
+        n_heads = int(self.require("llama.attention.head_count"))
+        cfg = dict(
+            vocab_size=int(self.get("llama.vocab_size", len(self.require("tokenizer.ggml.tokens")))),
+            dim=int(self.require("llama.embedding_length")),
+            n_layers=int(self.require("llama.block_count")),
+            n_heads=n_heads,
+            n_kv_heads=int(self.get("llama.attention.head_count_kv", n_heads)),
+            hidden_dim=int(self.require("llama.feed_forward_length")),
+            norm_eps=float(self.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=float(self.get("llama.rope.freq_base", 10000.0)),
+            max_seq_len=int(self.get("llama.context_length", 2048)),
+            tie_embeddings="output.weight" not in names,
+        )
+        cfg.update(overrides)
+        return ModelConfig(**cfg)
+
+    def tensors(self, config: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
+        """Our named tensors, dequantized to float32 one at a time, q/k permuted to half-split."""
+        from gguf.quants import dequantize
+
+        for t in self.reader.tensors:
+            name = _rename(t.name)
+            if name is None:
+                raise ValueError(f"{self.path}: unexpected tensor {t.name!r} in a llama GGUF file")
+            try:
+                w = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+            except NotImplementedError as e:
+                raise ValueError(f"{self.path}: tensor {t.name!r} uses {t.tensor_type.name}, which "
+                                 "cannot be dequantized here") from e
+            w = w.reshape(tuple(int(d) for d in reversed(t.shape)))  # GGML lists dims innermost first
+            if name.endswith("attn.q.kernel"):
+                w = permute_rope(w, config.n_heads, to_half_split=True)
+            elif name.endswith("attn.k.kernel"):
+                w = permute_rope(w, config.kv_heads, to_half_split=True)
+            if name.endswith(".kernel"):
+                w = w.T  # PyTorch [out, in] -> ours [in, out]
+            yield name, w
+
+
+def _rename(gguf_name: str) -> str | None:
+    if gguf_name in _TOP_NAMES:
+        return _TOP_NAMES[gguf_name]
+    parts = gguf_name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
+        return f"layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
+    return None

@@ -1,0 +1,209 @@
+"""Text generation: a jitted prefill, then a decode step that compiles once per (batch, cache) shape.
+
+Prompts of different lengths are right-padded into one batch; every row keeps its own position,
+so rows finish independently. Prompt and cache lengths are rounded up to a few fixed buckets, so
+a session compiles a handful of programs, not one per prompt.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pyllama_jax.model.kv_cache import KVCache
+from pyllama_jax.model.llama import Llama
+from pyllama_jax.tokenizer import Tokenizer
+
+MIN_BUCKET = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How to pick each next token."""
+
+    max_new_tokens: int = 128  # tokens generated per prompt at most
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # keep the k most likely tokens; 0 = all
+    top_p: float = 1.0  # keep the smallest set whose probability reaches p
+    seed: int = 0  # sampling RNG seed
+    stop: tuple[str, ...] = ()  # stop when the generated text contains one of these
+
+
+@dataclasses.dataclass
+class Generation:
+    """What `generate` returns: texts, token ids and timing."""
+
+    texts: list[str]
+    tokens: list[list[int]]
+    finish_reasons: list[str]  # "stop" (EOS or stop string) or "length"
+    prompt_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+    decode_steps: int
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Decode throughput over all rows (tokens after the first, which prefill produces)."""
+        n = self.generated_tokens - len(self.tokens)
+        return n / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+    def report(self) -> str:
+        return (f"prompt {self.prompt_tokens} tok, prefill {self.prefill_seconds * 1e3:.0f} ms; "
+                f"generated {self.generated_tokens} tok, decode {self.tokens_per_second:.1f} tok/s")
+
+
+def bucket(n: int, limit: int) -> int:
+    """`n` rounded up to a power of two (at least MIN_BUCKET), capped at `limit`."""
+    b = MIN_BUCKET
+    while b < n:
+        b *= 2
+    return min(b, limit)
+
+
+def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array,
+           top_p: jax.Array) -> jax.Array:
+    """Next tokens `[b]` from `logits[b, vocab]`; per-row temperature (0 = greedy), top-k, top-p."""
+    greedy = jnp.argmax(logits, axis=-1)
+    order = jnp.argsort(-logits, axis=-1)
+    ranked = jnp.take_along_axis(logits, order, axis=-1) / jnp.maximum(temperature, 1e-6)[:, None]
+    rank = jnp.arange(logits.shape[-1])[None, :]
+    ranked = jnp.where((top_k[:, None] > 0) & (rank >= top_k[:, None]), -jnp.inf, ranked)
+    probs = jax.nn.softmax(ranked, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
+    ranked = jnp.where((before >= top_p[:, None]) & (rank > 0), -jnp.inf, ranked)
+    choice = jax.random.categorical(key, ranked, axis=-1)
+    sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
+    return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+
+
+class Generator:
+    """Compiled prefill and decode programs for one model."""
+
+    def __init__(self, model: Llama, tokenizer: Tokenizer):
+        self.graphdef, self.state = nnx.split(model)
+        self.config = model.config
+        self.tokenizer = tokenizer
+        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(3,))
+        self._decode = jax.jit(self._decode_fn, donate_argnums=(1,))
+
+    def _prefill_fn(self, state, tokens, lengths, cache, key, temperature, top_k, top_p):
+        model = nnx.merge(self.graphdef, state)
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        logits, cache = model(tokens, positions, cache)
+        last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+        return sample(last, key, temperature, top_k, top_p), cache
+
+    def _decode_fn(self, state, cache, tokens, positions, key, temperature, top_k, top_p):
+        model = nnx.merge(self.graphdef, state)
+        logits, cache = model(tokens[:, None], positions[:, None], cache)
+        return sample(logits[:, 0], key, temperature, top_k, top_p), cache
+
+    def encode_prompts(self, prompts: Sequence[str | Sequence[int]]) -> list[list[int]]:
+        ids = [self.tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
+        for i, row in enumerate(ids):
+            if not row:
+                raise ValueError(f"prompt {i} is empty")
+        return ids
+
+    def stream(self, prompts: Sequence[str | Sequence[int]], sampling: SamplingConfig = SamplingConfig(),
+               stats: dict | None = None) -> Iterator[list[int | None]]:
+        """Yield, per step, the new token of each row (None once a row has finished).
+
+        `stats`, if given, receives prompt token count and prefill/decode seconds.
+        """
+        ids = self.encode_prompts(prompts)
+        b, longest = len(ids), max(len(r) for r in ids)
+        limit = self.config.max_seq_len
+        if longest + sampling.max_new_tokens > limit:
+            raise ValueError(f"prompt of {longest} tokens + max_new_tokens={sampling.max_new_tokens} "
+                             f"exceeds the model's context of {limit} tokens by "
+                             f"{longest + sampling.max_new_tokens - limit}")
+        t = bucket(longest, limit)
+        tokens = np.zeros((b, t), np.int32)
+        for i, row in enumerate(ids):
+            tokens[i, :len(row)] = row
+        lengths = np.array([len(r) for r in ids], np.int32)
+        cache = KVCache.create(self.config, b, bucket(longest + sampling.max_new_tokens, limit))
+        knobs = (jnp.full((b,), sampling.temperature, jnp.float32), jnp.full((b,), sampling.top_k, jnp.int32),
+                 jnp.full((b,), sampling.top_p, jnp.float32))
+        key = jax.random.key(sampling.seed)
+        start = time.perf_counter()
+        key, sub = jax.random.split(key)
+        nxt, cache = self._prefill(self.state, jnp.asarray(tokens), jnp.asarray(lengths), cache, sub, *knobs)
+        nxt_host = np.asarray(nxt)
+        prefill_done = time.perf_counter()
+        if stats is not None:
+            stats.update(prompt_tokens=int(lengths.sum()), prefill_seconds=prefill_done - start)
+        done = np.zeros(b, bool)
+        positions = lengths.copy()
+        for step in range(sampling.max_new_tokens):
+            out = [None if done[i] else int(nxt_host[i]) for i in range(b)]
+            done |= np.isin(nxt_host, list(self.tokenizer.eos_ids))
+            if stats is not None:
+                stats.update(decode_seconds=time.perf_counter() - prefill_done, decode_steps=step)
+            stop = yield out
+            if stop is not None:
+                done |= np.asarray(stop, bool)
+            if done.all() or step == sampling.max_new_tokens - 1:
+                return
+            key, sub = jax.random.split(key)
+            nxt, cache = self._decode(self.state, cache, jnp.asarray(nxt_host), jnp.asarray(positions), sub, *knobs)
+            nxt_host = np.asarray(nxt)
+            positions += 1
+
+    def generate(self, prompts: Sequence[str | Sequence[int]], sampling: SamplingConfig = SamplingConfig(),
+                 on_text: Callable[[int, str], None] | None = None) -> Generation:
+        """Generate for a batch of prompts; `on_text(row, delta)` streams text as it is produced."""
+        b = len(prompts)
+        new: list[list[int]] = [[] for _ in range(b)]
+        texts, reasons = [""] * b, ["length"] * b
+        stats: dict = {}
+        steps = self.stream(prompts, sampling, stats)
+        step_out = next(steps)
+        while True:
+            stopped = []
+            for i, tok in enumerate(step_out):
+                if tok is None:
+                    stopped.append(True)
+                    continue
+                if tok in self.tokenizer.eos_ids:
+                    reasons[i] = "stop"
+                    stopped.append(True)
+                    continue
+                new[i].append(tok)
+                text = self.tokenizer.decode(new[i])
+                hit = _first_stop(text, sampling.stop)
+                if hit is not None:
+                    text, reasons[i] = text[:hit], "stop"
+                if on_text is not None and not text.endswith("\ufffd") and len(text) > len(texts[i]):
+                    on_text(i, text[len(texts[i]):])
+                if not text.endswith("\ufffd"):
+                    texts[i] = text
+                stopped.append(hit is not None)
+            try:
+                step_out = steps.send(stopped)
+            except StopIteration:
+                break
+        for i in range(b):  # a row cut at max_new_tokens may end inside a multi-byte character
+            texts[i] = _strip_stop(self.tokenizer.decode(new[i]), sampling.stop)
+        return Generation(texts, new, reasons, stats["prompt_tokens"], stats["prefill_seconds"],
+                          stats.get("decode_seconds", 0.0), stats.get("decode_steps", 0))
+
+
+def _first_stop(text: str, stops: Sequence[str]) -> int | None:
+    hits = [text.find(s) for s in stops if s and s in text]
+    return min(hits) if hits else None
+
+
+def _strip_stop(text: str, stops: Sequence[str]) -> str:
+    hit = _first_stop(text, stops)
+    return text if hit is None else text[:hit]

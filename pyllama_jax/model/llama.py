@@ -1,0 +1,197 @@
+"""The LLaMA decoder in Flax NNX: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU.
+
+Weights use Hugging Face's layout: dense kernels are `[in_features, out_features]` (`y = x @ W`)
+and rotary embeddings rotate the two halves of each head (not interleaved pairs, as Meta's and
+GGUF files do; their converters permute q/k once at load time).
+Every parameter carries `logical_axes` metadata that `pyllama_jax.sharding.rules` maps to a mesh.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pyllama_jax.model import kv_cache
+from pyllama_jax.model.config import ModelConfig
+from pyllama_jax.model.kv_cache import KVCache
+
+
+def _init(rngs: nnx.Rngs, shape: tuple[int, ...], dtype, std: float = 0.02) -> jax.Array:
+    return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+class Linear(nnx.Module):
+    """A bias-free dense layer, `y = x @ kernel`; `QuantLinear` has the same call interface."""
+
+    def __init__(self, in_features: int, out_features: int, axes: tuple[str, str], *,
+                 config: ModelConfig, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(_init(rngs, (in_features, out_features), config.weight_dtype),
+                                logical_axes=axes)
+        self.dtype = config.compute_dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, *, config: ModelConfig):
+        self.scale = nnx.Param(jnp.ones((dim,), config.weight_dtype), logical_axes=("norm",))
+        self.eps = config.norm_eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_frequencies(config: ModelConfig) -> jax.Array:
+    """Inverse frequencies of the rotary embedding, with LLaMA-3.1 scaling when configured."""
+    hd = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq
+    wavelen = 2 * math.pi / inv_freq
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate `x[b, t, heads, head_dim]` by the angles of `positions[b, t]` (half-split layout)."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [b, t, head_dim/2]
+    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        c, hd = config, config.head_dim
+        self.q = Linear(c.dim, c.n_heads * hd, ("embed", "heads"), config=c, rngs=rngs)
+        self.k = Linear(c.dim, c.kv_heads * hd, ("embed", "kv_heads"), config=c, rngs=rngs)
+        self.v = Linear(c.dim, c.kv_heads * hd, ("embed", "kv_heads"), config=c, rngs=rngs)
+        self.o = Linear(c.n_heads * hd, c.dim, ("heads", "embed"), config=c, rngs=rngs)
+        self.n_heads, self.kv_heads, self.head_dim = c.n_heads, c.kv_heads, hd
+
+    def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array, mask: jax.Array,
+                 kv: tuple[jax.Array, jax.Array] | None):
+        b, t, _ = x.shape
+        q = apply_rope(self.q(x).reshape(b, t, self.n_heads, self.head_dim), positions, inv_freq)
+        k = apply_rope(self.k(x).reshape(b, t, self.kv_heads, self.head_dim), positions, inv_freq)
+        v = self.v(x).reshape(b, t, self.kv_heads, self.head_dim)
+        if kv is not None:
+            kv = (kv_cache.write(kv[0], k, positions), kv_cache.write(kv[1], v, positions))
+            k, v = kv
+        groups = self.n_heads // self.kv_heads
+        q = q.reshape(b, t, self.kv_heads, groups, self.head_dim)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+        scores = scores / math.sqrt(self.head_dim)
+        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, self.n_heads * self.head_dim)
+        return self.o(out), kv
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        c = config
+        self.gate = Linear(c.dim, c.hidden_dim, ("embed", "mlp"), config=c, rngs=rngs)
+        self.up = Linear(c.dim, c.hidden_dim, ("embed", "mlp"), config=c, rngs=rngs)
+        self.down = Linear(c.hidden_dim, c.dim, ("mlp", "embed"), config=c, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+def causal_mask(positions: jax.Array, key_length: int | None = None,
+                key_valid: jax.Array | None = None) -> jax.Array:
+    """`[b, t, s]` booleans: may query `t` see key `s`?
+
+    With a cache (`key_length` given) keys are cache slots and a query sees slots up to its own
+    position. Without one, keys are the `t` input tokens: causal by index, minus padding.
+    """
+    if key_length is not None:
+        return jnp.arange(key_length)[None, None, :] <= positions[:, :, None]
+    t = positions.shape[1]
+    mask = jnp.tril(jnp.ones((t, t), bool))[None]
+    return mask & key_valid[:, None, :] if key_valid is not None else jnp.broadcast_to(
+        mask, (positions.shape[0], t, t))
+
+
+class Block(nnx.Module):
+    """One decoder layer: `x + attn(norm(x))`, then `x + mlp(norm(x))`."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(config.dim, config=config)
+        self.attn = Attention(config, rngs)
+        self.mlp_norm = RMSNorm(config.dim, config=config)
+        self.mlp = MLP(config, rngs)
+        self.config = config
+
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None = None,
+                 kv: tuple[jax.Array, jax.Array] | None = None):
+        """`x[b, t, dim]` at `positions[b, t]`; `mask` defaults to plain causal attention."""
+        if mask is None:
+            mask = causal_mask(positions, kv[0].shape[1] if kv is not None else None)
+        h, kv = self.attn(self.attn_norm(x), positions, rope_frequencies(self.config), mask, kv)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x)), kv
+
+
+class Llama(nnx.Module):
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        self.config = config
+        self.embed = nnx.Param(_init(rngs, (config.vocab_size, config.dim), config.weight_dtype),
+                               logical_axes=("vocab", "embed"))
+        self.layers = nnx.List([Block(config, rngs) for _ in range(config.n_layers)])
+        self.norm = RMSNorm(config.dim, config=config)
+        self.lm_head = None if config.tie_embeddings else Linear(
+            config.dim, config.vocab_size, ("embed", "vocab"), config=config, rngs=rngs)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+                 cache: KVCache | None = None, attention_mask: jax.Array | None = None):
+        """Logits `[b, t, vocab]` (float32) and the updated cache.
+
+        Without a cache, `attention_mask[b, t]` (1 = real token) handles left or right padding:
+        positions count real tokens only. With a cache, `positions[b, t]` are the cache slots.
+        """
+        if positions is None:
+            if attention_mask is None:
+                positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+            else:
+                positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+        if cache is not None:
+            mask = causal_mask(positions, cache.length)
+        else:
+            mask = causal_mask(positions, None, None if attention_mask is None else attention_mask > 0)
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.config.compute_dtype)
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            x, kv = layer(x, positions, mask, None if cache is None else (cache.k[i], cache.v[i]))
+            if cache is not None:
+                new_k.append(kv[0])
+                new_v.append(kv[1])
+        x = self.norm(x)
+        if self.lm_head is None:
+            logits = jnp.dot(x, self.embed[...].astype(x.dtype).T, preferred_element_type=jnp.float32)
+        else:
+            logits = self.lm_head(x)
+        return logits.astype(jnp.float32), (KVCache(new_k, new_v) if cache is not None else None)
+
+
+def init_model(config: ModelConfig, seed: int = 0) -> Llama:
+    """A model with random weights (normal, std 0.02)."""
+    return Llama(config, nnx.Rngs(seed))
+
+
+def abstract_model(config: ModelConfig) -> Llama:
+    """The model's structure with shapes only, no memory: the target a loader fills in."""
+    return nnx.eval_shape(lambda: Llama(config, nnx.Rngs(0)))

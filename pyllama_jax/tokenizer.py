@@ -1,0 +1,161 @@
+"""One tokenizer interface over sentencepiece `tokenizer.model`, HF `tokenizer.json` and GGUF vocabularies."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Sequence
+
+# GGUF `tokenizer.ggml.pre` -> the digit handling that model's own tokenizer.json applies before
+# byte-level BPE (GPT-2's regex is the same for all of these).
+_GGUF_DIGIT_SPLIT = {"smollm": True, "gpt2": False, "default": False}
+_GGUF_CONTROL = 3  # tokenizer.ggml.token_type of special (control) tokens
+
+
+class Tokenizer:
+    """Text <-> token ids, with the model's BOS/EOS conventions and chat template."""
+
+    def __init__(self, backend: Any, kind: str, bos_id: int | None, eos_id: int | None,
+                 add_bos: bool, chat_template: str | None = None, source: str = "",
+                 extra_eos_ids: Sequence[int] = ()):
+        self.backend, self.kind, self.source = backend, kind, source
+        self.bos_id, self.eos_id, self.add_bos = bos_id, eos_id, add_bos
+        self.chat_template = chat_template
+        self.eos_ids = frozenset(i for i in (eos_id, *extra_eos_ids) if i is not None)
+
+    @property
+    def vocab_size(self) -> int:
+        if self.kind == "sentencepiece":
+            return self.backend.get_piece_size()
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, bos: bool | None = None, eos: bool = False) -> list[int]:
+        """Token ids of `text`; `bos` defaults to what the model expects."""
+        if self.kind == "sentencepiece":
+            ids = list(self.backend.encode(text))
+        else:
+            ids = self.backend.encode(text, add_special_tokens=False).ids
+        if (self.add_bos if bos is None else bos) and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        if eos and self.eos_id is not None:
+            ids = ids + [self.eos_id]
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
+        ids = [int(i) for i in ids]
+        if self.kind == "sentencepiece":
+            if skip_special:
+                ids = [i for i in ids if not self.backend.is_control(i)]
+            return self.backend.decode(ids)
+        return self.backend.decode(ids, skip_special_tokens=skip_special)
+
+    def apply_chat_template(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """Render a conversation with the model's template (a plain transcript if it has none)."""
+        if not self.chat_template:
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+            return text + ("assistant: " if add_generation_prompt else "")
+        import jinja2
+
+        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise
+        return env.from_string(self.chat_template).render(
+            messages=list(messages), add_generation_prompt=add_generation_prompt,
+            bos_token=self.token_text(self.bos_id), eos_token=self.token_text(self.eos_id))
+
+    def token_text(self, token_id: int | None) -> str:
+        if token_id is None:
+            return ""
+        if self.kind == "sentencepiece":
+            return self.backend.id_to_piece(token_id)
+        return self.backend.id_to_token(token_id) or ""
+
+
+def _raise(message: str) -> None:
+    raise ValueError(f"chat template: {message}")
+
+
+def from_sentencepiece(path: str, chat_template: str | None = None) -> Tokenizer:
+    """LLaMA 1/2 `tokenizer.model`: BOS prepended, EOS ends generation."""
+    import sentencepiece
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"tokenizer file not found: {path}")
+    sp = sentencepiece.SentencePieceProcessor()
+    try:
+        sp.Load(path)
+    except (OSError, RuntimeError) as e:
+        raise ValueError(f"{path}: not a sentencepiece model ({e})") from e
+    bos, eos = sp.bos_id(), sp.eos_id()
+    return Tokenizer(sp, "sentencepiece", bos if bos >= 0 else None, eos if eos >= 0 else None,
+                     add_bos=True, chat_template=chat_template, source=path)
+
+
+def from_hf_folder(folder: str) -> Tokenizer:
+    """An HF folder's `tokenizer.json` (+ `tokenizer_config.json`), or its `tokenizer.model`."""
+    tj, tc = os.path.join(folder, "tokenizer.json"), os.path.join(folder, "tokenizer_config.json")
+    cfg: dict[str, Any] = {}
+    if os.path.isfile(tc):
+        with open(tc) as f:
+            cfg = json.load(f)
+    template = cfg.get("chat_template")
+    if not os.path.isfile(tj):
+        sp = os.path.join(folder, "tokenizer.model")
+        if os.path.isfile(sp):
+            return from_sentencepiece(sp, template)
+        raise FileNotFoundError(f"{folder}: no tokenizer.json or tokenizer.model")
+    from tokenizers import Tokenizer as HFTokenizer
+
+    try:
+        tk = HFTokenizer.from_file(tj)
+    except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+        raise ValueError(f"{tj}: not a valid tokenizer.json ({e})") from e
+
+    def token_id(key: str) -> int | None:
+        tok = cfg.get(key)
+        tok = tok.get("content") if isinstance(tok, dict) else tok
+        return tk.token_to_id(tok) if tok else None
+
+    bos = token_id("bos_token")
+    return Tokenizer(tk, "hf", bos, token_id("eos_token"),
+                     add_bos=bool(cfg.get("add_bos_token", bos is not None and "llama" in str(
+                         cfg.get("tokenizer_class", "")).lower())),
+                     chat_template=template, source=tj)
+
+
+def from_gguf(fields: dict[str, Any], source: str) -> Tokenizer:
+    """The vocabulary embedded in a GGUF file (`tokenizer.ggml.*` fields)."""
+    model = fields.get("tokenizer.ggml.model")
+    tokens = fields.get("tokenizer.ggml.tokens")
+    if not tokens:
+        raise ValueError(f"{source}: no tokenizer.ggml.tokens field")
+    if model != "gpt2":
+        raise ValueError(f"{source}: tokenizer.ggml.model={model!r} is not supported from GGUF metadata; "
+                         "expected 'gpt2' (byte-level BPE). For sentencepiece vocabularies put the model's "
+                         "tokenizer.model beside the .gguf file")
+    return Tokenizer(_gguf_bpe(fields, tokens, source), "hf", fields.get("tokenizer.ggml.bos_token_id"),
+                     fields.get("tokenizer.ggml.eos_token_id"),
+                     add_bos=bool(fields.get("tokenizer.ggml.add_bos_token", False)),
+                     chat_template=fields.get("tokenizer.chat_template"), source=source,
+                     extra_eos_ids=[i for i in [fields.get("tokenizer.ggml.eot_token_id")] if i is not None])
+
+
+def _special_tokens(fields: dict[str, Any], tokens: list[str]) -> list[str]:
+    types = fields.get("tokenizer.ggml.token_type") or []
+    return [tokens[i] for i, t in enumerate(types) if t == _GGUF_CONTROL]
+
+
+def _gguf_bpe(fields: dict[str, Any], tokens: list[str], source: str):
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+    merges = [tuple(m.split(" ", 1)) for m in fields.get("tokenizer.ggml.merges", [])]
+    tk = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+                                fuse_unk=False, byte_fallback=False))
+    pre = fields.get("tokenizer.ggml.pre", "default")
+    if pre not in _GGUF_DIGIT_SPLIT:
+        raise ValueError(f"{source}: tokenizer.ggml.pre={pre!r} is not supported; expected one of "
+                         f"{sorted(_GGUF_DIGIT_SPLIT)}")
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tk.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                        if _GGUF_DIGIT_SPLIT[pre] else byte_level)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens(_special_tokens(fields, tokens))
+    return tk
