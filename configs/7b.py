@@ -1,0 +1,10 @@
+"""LLaMA-7B from Meta's files (params.json, consolidated.00.pth, tokenizer.model), bfloat16.
+
+Point `model` at the folder, e.g. --config.model=/data/llama/7B (tokenizer.model may sit in the
+folder or its parent, as Meta's download lays it out). Get the files with scripts/download.py.
+"""
+from pyllama_jax.config import meta_llama_config
+
+
+def get_config():
+    return meta_llama_config("~/llama/7B")

@@ -1,0 +1,35 @@
+"""The main job: load the configured model and generate for the configured prompts.
+
+    python scripts/run.py --config=configs/smollm2_135m.py --config.sampling.max_new_tokens=32
+"""
+from __future__ import annotations
+
+import sys
+
+from absl import app
+from ml_collections import config_flags
+
+import pyllama_jax as pj
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/smollm2_135m.py", "job configuration file")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    c = _CONFIG.value
+    try:
+        model = pj.load(c.model, dtype=c.dtype, param_dtype=c.param_dtype)
+    except FileNotFoundError as e:
+        sys.exit(f"error: {e}\nGet LLaMA weights with scripts/download.py, or point --config.model at them.")
+    print(f"loaded {model.source}: {model.config.n_layers} layers, dim {model.config.dim}, "
+          f"{model.config.num_params() / 1e6:.0f}M parameters, {c.dtype}")
+    sampling = c.sampling.to_dict()
+    for prompt in c.prompts:
+        print(f"\n>>> {prompt}")
+        result = model.generate(prompt, chat=c.chat, on_text=lambda _, text: print(text, end="", flush=True),
+                                **sampling)
+        print(f"\n[{result.report()}]")
+
+
+if __name__ == "__main__":
+    app.run(main)
