@@ -14,9 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
-from pyllama_jax.model.kv_cache import KVCache
 from pyllama_jax.model.llama import Llama
+from pyllama_jax.sharding import place
+from pyllama_jax.sharding.rules import replicated, state_shardings
 from pyllama_jax.tokenizer import Tokenizer
 
 MIN_BUCKET = 16
@@ -32,6 +34,7 @@ class SamplingConfig:
     top_p: float = 1.0  # keep the smallest set whose probability reaches p
     seed: int = 0  # sampling RNG seed
     stop: tuple[str, ...] = ()  # stop when the generated text contains one of these
+    ignore_eos: bool = False  # keep going past end-of-sequence tokens (benchmarks)
 
 
 @dataclasses.dataclass
@@ -88,12 +91,15 @@ def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax
 class Generator:
     """Compiled prefill and decode programs for one model."""
 
-    def __init__(self, model: Llama, tokenizer: Tokenizer):
+    def __init__(self, model: Llama, tokenizer: Tokenizer, mesh: Mesh | None = None):
+        """`mesh`: run sharded (weights as placed by the sharding rules, cache split on the mesh)."""
         self.graphdef, self.state = nnx.split(model)
         self.config = model.config
         self.tokenizer = tokenizer
-        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(3,))
-        self._decode = jax.jit(self._decode_fn, donate_argnums=(1,))
+        self.mesh = mesh
+        w, r = state_shardings(self.state, mesh), replicated(mesh)  # the cache keeps its own sharding
+        self._prefill = place.jit(self._prefill_fn, mesh, (w, r, r, None, r, r, r, r), (r, None), (3,))
+        self._decode = place.jit(self._decode_fn, mesh, (w, None, r, r, r, r, r, r), (r, None), (1,))
 
     def _prefill_fn(self, state, tokens, lengths, cache, key, temperature, top_k, top_p):
         model = nnx.merge(self.graphdef, state)
@@ -132,7 +138,8 @@ class Generator:
         for i, row in enumerate(ids):
             tokens[i, :len(row)] = row
         lengths = np.array([len(r) for r in ids], np.int32)
-        cache = KVCache.create(self.config, b, bucket(longest + sampling.max_new_tokens, limit))
+        cache = place.create_cache(self.config, b, bucket(longest + sampling.max_new_tokens, limit),
+                                   self.mesh)
         knobs = (jnp.full((b,), sampling.temperature, jnp.float32), jnp.full((b,), sampling.top_k, jnp.int32),
                  jnp.full((b,), sampling.top_p, jnp.float32))
         key = jax.random.key(sampling.seed)
@@ -147,7 +154,8 @@ class Generator:
         positions = lengths.copy()
         for step in range(sampling.max_new_tokens):
             out = [None if done[i] else int(nxt_host[i]) for i in range(b)]
-            done |= np.isin(nxt_host, list(self.tokenizer.eos_ids))
+            if not sampling.ignore_eos:
+                done |= np.isin(nxt_host, list(self.tokenizer.eos_ids))
             if stats is not None:
                 stats.update(decode_seconds=time.perf_counter() - prefill_done, decode_steps=step)
             stop = yield out
@@ -175,7 +183,7 @@ class Generator:
                 if tok is None:
                     stopped.append(True)
                     continue
-                if tok in self.tokenizer.eos_ids:
+                if tok in self.tokenizer.eos_ids and not sampling.ignore_eos:
                     reasons[i] = "stop"
                     stopped.append(True)
                     continue
