@@ -21,7 +21,7 @@ LAYER_LINEARS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every parameter of a model with this config."""
     _, state = nnx.split(abstract_model(config))
-    return {".".join(str(k) for k in path): tuple(v.value.shape)
+    return {".".join(str(k) for k in path): tuple(v.get_value().shape)
             for path, v in nnx.to_flat_state(state)}
 
 
@@ -57,7 +57,7 @@ def build_model(config: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], 
             raise ValueError(f"{source}: tensor {name!r} has shape {tuple(array.shape)}, expected "
                              f"{shapes[name]} from the model config")
         path = tuple(int(p) if p.isdigit() else p for p in name.split("."))
-        flat[path].value = place(name, np.asarray(array))
+        flat[path].set_value(place(name, np.asarray(array)))
         seen.add(name)
     missing = sorted(set(shapes) - seen)
     if missing:
@@ -69,4 +69,4 @@ def named_tensors(model: Llama) -> Iterator[tuple[str, np.ndarray]]:
     """The model's parameters as `(name, host array)` pairs, one at a time (for exporters)."""
     _, state = nnx.split(model)
     for path, var in nnx.to_flat_state(state):
-        yield ".".join(str(k) for k in path), np.asarray(jax.device_get(var.value))
+        yield ".".join(str(k) for k in path), np.asarray(jax.device_get(var.get_value()))
