@@ -32,7 +32,52 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.data = 1  # data-parallel axis size (-1 = the rest of the devices)
     c.mesh.fsdp = 1  # parameter-sharding axis size (-1 = the rest)
     c.mesh.tensor = 1  # tensor-parallel axis size (-1 = the rest)
+
+    c.data = data_config()
+    c.train = train_config()
     return c
+
+
+def data_config() -> ml_collections.ConfigDict:
+    """Fine-tuning data (`pyllama_jax.data.alpaca`)."""
+    d = ml_collections.ConfigDict()
+    d.path = ""  # Alpaca JSON/JSONL or seed-task file, or a `datasets` name
+    d.template = "alpaca"  # prompt: "alpaca" (Stanford Alpaca's template) or "chat" (the model's)
+    d.seq_len = 512  # tokens per training row
+    d.pack = True  # several examples per row (no attention between them); False = one, padded
+    d.eval_size = 16  # examples held out for the held-out loss and sample generations
+    d.overlong = "truncate"  # examples longer than seq_len: "truncate" or "drop" (both counted)
+    d.on_error = "raise"  # malformed records: "raise" (stop, listing their lines) or "skip"
+    return d
+
+
+def train_config() -> ml_collections.ConfigDict:
+    """Fine-tuning (`pyllama_jax.train`): optimizer, LoRA, checkpoints, logging, export."""
+    t = ml_collections.ConfigDict()
+    t.workdir = "runs/finetune"  # checkpoints, metrics.csv, loss.png, samples.md
+    t.lora = True  # train LoRA adapters only (on a quantized base when quant.wbits > 0); False = full
+    t.lora_rank = 8  # adapter rank r
+    t.lora_alpha = 16.0  # adapter scale is alpha / r
+    t.lora_dropout = 0.05  # dropout on the adapter's input
+    t.lora_targets = ("attn.q", "attn.k", "attn.v", "attn.o")  # linears that get adapters
+    t.steps = 300  # optimizer steps
+    t.batch_size = 8  # rows per optimizer step
+    t.grad_accum = 1  # micro-batches per step (batch_size / grad_accum rows each)
+    t.lr = 2e-4  # peak learning rate
+    t.warmup_steps = 20  # linear warmup steps
+    t.end_lr_ratio = 0.1  # cosine decay ends at lr * end_lr_ratio
+    t.weight_decay = 0.0  # AdamW weight decay (matrices only)
+    t.clip_norm = 1.0  # global gradient-norm clip; 0 = off
+    t.seed = 0  # data order, held-out split, adapter init and dropout
+    t.save_every = 50  # steps between checkpoints
+    t.keep = 3  # checkpoints kept
+    t.eval_every = 50  # steps between held-out losses (0 = only at start and end)
+    t.sample_every = 100  # steps between sample generations (0 = only at start and end)
+    t.samples = 2  # held-out examples to generate for
+    t.sample_tokens = 64  # new tokens per sample generation
+    t.export_format = ""  # after training: "native", "hf" or "meta" (LoRA merged first); "" = none
+    t.export_path = ""  # where to export (default <workdir>/export)
+    return t
 
 
 def meta_llama_config(folder: str) -> ml_collections.ConfigDict:

@@ -112,18 +112,28 @@ class MLP(nnx.Module):
 
 
 def causal_mask(positions: jax.Array, key_length: int | None = None,
-                key_valid: jax.Array | None = None) -> jax.Array:
+                key_valid: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
     """`[b, t, s]` booleans: may query `t` see key `s`?
 
     With a cache (`key_length` given) keys are cache slots and a query sees slots up to its own
-    position. Without one, keys are the `t` input tokens: causal by index, minus padding.
+    position. Without one, keys are the `t` input tokens: causal by index, minus padding, and
+    (with `segment_ids[b, t]`, packed sequences) only within the query's own segment.
     """
     if key_length is not None:
         return jnp.arange(key_length)[None, None, :] <= positions[:, :, None]
     t = positions.shape[1]
-    mask = jnp.tril(jnp.ones((t, t), bool))[None]
-    return mask & key_valid[:, None, :] if key_valid is not None else jnp.broadcast_to(
-        mask, (positions.shape[0], t, t))
+    mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool))[None], (positions.shape[0], t, t))
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    return mask & key_valid[:, None, :] if key_valid is not None else mask
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """Positions `[b, t]` that restart at 0 where each packed segment begins."""
+    idx = jnp.broadcast_to(jnp.arange(segment_ids.shape[1]), segment_ids.shape)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
 
 
 class Block(nnx.Module):
@@ -157,12 +167,18 @@ class Llama(nnx.Module):
             config.dim, config.vocab_size, ("embed", "vocab"), config=config, rngs=rngs)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-                 cache: KVCache | None = None, attention_mask: jax.Array | None = None):
+                 cache: KVCache | None = None, attention_mask: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None):
         """Logits `[b, t, vocab]` (float32) and the updated cache.
 
         Without a cache, `attention_mask[b, t]` (1 = real token) handles left or right padding:
         positions count real tokens only. With a cache, `positions[b, t]` are the cache slots.
+        `segment_ids[b, t]` (packed sequences; 0 = padding) keeps attention within each segment
+        and restarts positions per segment.
         """
+        if segment_ids is not None:
+            attention_mask = segment_ids > 0 if attention_mask is None else attention_mask
+            positions = segment_positions(segment_ids) if positions is None else positions
         if positions is None:
             if attention_mask is None:
                 positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -171,7 +187,8 @@ class Llama(nnx.Module):
         if cache is not None:
             mask = causal_mask(positions, cache.length)
         else:
-            mask = causal_mask(positions, None, None if attention_mask is None else attention_mask > 0)
+            mask = causal_mask(positions, None, None if attention_mask is None else attention_mask > 0,
+                               segment_ids)
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.config.compute_dtype)
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
