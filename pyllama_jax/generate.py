@@ -75,17 +75,22 @@ def bucket(n: int, limit: int) -> int:
 def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array,
            top_p: jax.Array) -> jax.Array:
     """Next tokens `[b]` from `logits[b, vocab]`; per-row temperature (0 = greedy), top-k, top-p."""
-    greedy = jnp.argmax(logits, axis=-1)
-    order = jnp.argsort(-logits, axis=-1)
-    ranked = jnp.take_along_axis(logits, order, axis=-1) / jnp.maximum(temperature, 1e-6)[:, None]
-    rank = jnp.arange(logits.shape[-1])[None, :]
-    ranked = jnp.where((top_k[:, None] > 0) & (rank >= top_k[:, None]), -jnp.inf, ranked)
-    probs = jax.nn.softmax(ranked, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
-    ranked = jnp.where((before >= top_p[:, None]) & (rank > 0), -jnp.inf, ranked)
-    choice = jax.random.categorical(key, ranked, axis=-1)
-    sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
-    return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def sampled() -> jax.Array:
+        order = jnp.argsort(-logits, axis=-1)
+        ranked = jnp.take_along_axis(logits, order, axis=-1) / jnp.maximum(temperature, 1e-6)[:, None]
+        rank = jnp.arange(logits.shape[-1])[None, :]
+        ranked = jnp.where((top_k[:, None] > 0) & (rank >= top_k[:, None]), -jnp.inf, ranked)
+        probs = jax.nn.softmax(ranked, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
+        ranked = jnp.where((before >= top_p[:, None]) & (rank > 0), -jnp.inf, ranked)
+        choice = jax.random.categorical(key, ranked, axis=-1)
+        picked = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+        return jnp.where(temperature > 0, picked, greedy)
+
+    # The vocabulary sort costs milliseconds per step on a CPU: skip it when every row is greedy.
+    return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy)
 
 
 class Generator:
