@@ -7,6 +7,9 @@ import jax
 import jax.numpy as jnp
 
 from pyllama_jax.model.config import ModelConfig
+from pyllama_jax.sharding.rules import constrain
+
+AXES = ("batch", "length", "kv_heads", "head_dim")  # logical axes of each k/v array (sharding rules)
 
 
 @jax.tree_util.register_dataclass
@@ -41,4 +44,4 @@ class KVCache:
 def write(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
     """Store `new[b, t]` at `cache[b, positions[b, t]]`; positions past the end are dropped."""
     rows = jnp.arange(new.shape[0])[:, None]
-    return cache.at[rows, positions].set(new.astype(cache.dtype), mode="drop")
+    return constrain(cache.at[rows, positions].set(new.astype(cache.dtype), mode="drop"), AXES)

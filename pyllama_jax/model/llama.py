@@ -16,6 +16,9 @@ from flax import nnx
 from pyllama_jax.model import kv_cache
 from pyllama_jax.model.config import ModelConfig
 from pyllama_jax.model.kv_cache import KVCache
+from pyllama_jax.sharding.rules import constrain
+
+ACT_AXES = ("batch", "length", "embed")  # logical axes of the residual stream (sharding rules)
 
 
 def _init(rngs: nnx.Rngs, shape: tuple[int, ...], dtype, std: float = 0.02) -> jax.Array:
@@ -189,10 +192,11 @@ class Llama(nnx.Module):
         else:
             mask = causal_mask(positions, None, None if attention_mask is None else attention_mask > 0,
                                segment_ids)
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.config.compute_dtype)
+        x = constrain(jnp.take(self.embed[...], tokens, axis=0).astype(self.config.compute_dtype), ACT_AXES)
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             x, kv = layer(x, positions, mask, None if cache is None else (cache.k[i], cache.v[i]))
+            x = constrain(x, ACT_AXES)
             if cache is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
@@ -201,7 +205,8 @@ class Llama(nnx.Module):
             logits = jnp.dot(x, self.embed[...].astype(x.dtype).T, preferred_element_type=jnp.float32)
         else:
             logits = self.lm_head(x)
-        return logits.astype(jnp.float32), (KVCache(new_k, new_v) if cache is not None else None)
+        logits = constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+        return logits, (KVCache(new_k, new_v) if cache is not None else None)
 
 
 def init_model(config: ModelConfig, seed: int = 0) -> Llama:

@@ -1,0 +1,89 @@
+"""Putting weights and KV caches on a mesh, and jitting entry points with shardings.
+
+Loading is streamed: `placer` hands `build_model` a function that turns one host tensor into a
+sharded `jax.Array` with `jax.make_array_from_callback`, which asks only for the slices of this
+process's devices. A memory-mapped checkpoint tensor is therefore read only where it is needed,
+and no device or host ever holds the whole model.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from pyllama_jax.model import kv_cache
+from pyllama_jax.model.config import ModelConfig
+from pyllama_jax.model.kv_cache import KVCache
+from pyllama_jax.model.llama import Llama, abstract_model
+from pyllama_jax.sharding import rules as sr
+
+
+def placer(config: ModelConfig, mesh: Mesh, rules: sr.Rules = sr.RULES,
+           model: Llama | None = None) -> Callable[[str, np.ndarray], jax.Array]:
+    """`place(name, host_array) -> jax.Array` sharded by the rules; for `build_model(place=...)`.
+
+    Each device's slice is cut from `host_array` (and cast to the parameter's dtype) on its own.
+    `model` is the structure to fill (default: the dense model of `config`).
+    """
+    sr.check_model(config, mesh.shape, rules)
+    _, state = nnx.split(model if model is not None else abstract_model(config))
+    targets = {}
+    for path, var in nnx.to_flat_state(state):
+        name = ".".join(str(p) for p in path)
+        spec = sr.variable_spec(name, var, mesh.shape, rules)
+        targets[name] = (NamedSharding(mesh, spec), var.get_value().dtype)
+
+    def place(name: str, array: np.ndarray) -> jax.Array:
+        sharding, dtype = targets[name]
+        return jax.make_array_from_callback(array.shape, sharding,
+                                            lambda index: np.asarray(array[index]).astype(dtype))
+
+    return place
+
+
+def shard(model: Llama, mesh: Mesh, rules: sr.Rules = sr.RULES) -> Llama:
+    """An in-memory model moved onto the mesh (e.g. just quantized, or randomly initialised)."""
+    sr.check_model(model.config, mesh.shape, rules)
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, jax.device_put(state, sr.state_shardings(state, mesh, rules)))
+
+
+def cache_sharding(config: ModelConfig, batch: int, length: int, mesh: Mesh,
+                   rules: sr.Rules = sr.RULES) -> NamedSharding:
+    """The sharding of each k/v array of a `[batch, length]` cache: batch over data, heads over tensor."""
+    shape = (batch, length, config.kv_heads, config.head_dim)
+    return NamedSharding(mesh, sr.fit_spec(kv_cache.AXES, shape, mesh.shape, rules))
+
+
+@functools.lru_cache(maxsize=32)
+def _cache_factory(config: ModelConfig, batch: int, length: int, mesh: Mesh) -> Callable[[], KVCache]:
+    return jax.jit(lambda: KVCache.create(config, batch, length),
+                   out_shardings=cache_sharding(config, batch, length, mesh))
+
+
+def create_cache(config: ModelConfig, batch: int, length: int, mesh: Mesh | None) -> KVCache:
+    """A zeroed KV cache, created in place on the mesh (each device allocates only its part)."""
+    if mesh is None:
+        return KVCache.create(config, batch, length)
+    return _cache_factory(config, batch, length, mesh)()
+
+
+def jit(fn: Callable, mesh: Mesh | None, in_shardings: Sequence[Any], out_shardings: Any,
+        donate_argnums: Sequence[int] = ()) -> Callable:
+    """`jax.jit(fn)` with shardings, called under `jax.set_mesh(mesh)` so the model's activation
+    constraints apply; without a mesh, plain `jax.jit(fn)`."""
+    if mesh is None:
+        return jax.jit(fn, donate_argnums=tuple(donate_argnums))
+    compiled = jax.jit(fn, in_shardings=tuple(in_shardings), out_shardings=out_shardings,
+                       donate_argnums=tuple(donate_argnums))
+
+    @functools.wraps(fn)
+    def call(*args: Any) -> Any:
+        with jax.sharding.set_mesh(mesh):
+            return compiled(*args)
+
+    return call

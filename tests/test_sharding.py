@@ -1,0 +1,207 @@
+"""Sharded runs against single-device runs on 8 simulated CPU devices, and mesh/rules errors.
+
+XLA fixes the CPU device count when JAX starts, so each `case_*` runs in a fresh subprocess
+(`python tests/test_sharding.py NAME`) with `--xla_force_host_platform_device_count=8` (and
+LLVM optimisation off, which halves compile time; reference and sharded runs share the flags).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from pyllama_jax.model.config import preset
+from pyllama_jax.sharding import mesh as pm
+from pyllama_jax.sharding import rules
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+N_DEVICES = 8
+MESHES = [(1, 1, 8), (1, 2, 4), (2, 1, 4), (8, 1, 1)]
+CONFIG = preset("tiny", n_heads=8, n_kv_heads=8)  # heads, kv_heads, mlp, vocab all divide by 8
+RTOL = 1e-5
+
+
+def run_case(name: str, timeout: int = 300) -> str:
+    """Run `case_<name>` in a subprocess with 8 CPU devices; fail with its output if it fails."""
+    flags = f"--xla_force_host_platform_device_count={N_DEVICES} --xla_backend_optimization_level=0"
+    env = dict(os.environ, XLA_FLAGS=flags,
+               JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), name], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"case {name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc.stdout
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+
+
+# ---- tests in this process (no devices needed) -------------------------------------------------
+
+def test_rules_table_gives_megatron_layout():
+    assert rules.logical_to_spec(("embed", "heads")) == P("fsdp", "tensor")  # column-parallel q
+    assert rules.logical_to_spec(("mlp", "embed")) == P("tensor", "fsdp")  # row-parallel down
+    assert rules.logical_to_spec(("vocab", "embed")) == P("tensor", "fsdp")  # vocab-parallel
+    # activations: batch takes data and fsdp, so the model dimension stays whole
+    assert rules.logical_to_spec(("batch", "length", "embed")) == P(("data", "fsdp"), None, None)
+    # a batch of 1 cannot split over data=2: that axis is dropped, the head axis kept
+    mesh_shape = {"data": 2, "fsdp": 1, "tensor": 4}
+    assert rules.fit_spec(("batch", "length", "kv_heads", "head_dim"), (1, 16, 8, 8), mesh_shape) == \
+        P("fsdp", None, "tensor", None)
+    with pytest.raises(ValueError, match="logical axis 'experts' has no rule"):
+        rules.logical_to_spec(("experts",))
+
+
+def test_mesh_shape_resolution():
+    assert pm.resolve_shape((1, 1, -1), 8) == (1, 1, 8)
+    assert pm.resolve_shape((2, -1, 2), 8) == (2, 2, 2)
+    assert pm.resolve_shape((1, 1, 2), 8) == (1, 1, 2)  # a subset of the devices
+    with pytest.raises(ValueError, match="requests 16 devices but only 8 are present"):
+        pm.resolve_shape((2, 1, 8), 8)
+    with pytest.raises(ValueError, match="at most one mesh axis may be -1"):
+        pm.resolve_shape((-1, 1, -1), 8)
+    with pytest.raises(ValueError, match="do not divide evenly by 3"):
+        pm.resolve_shape((1, 3, -1), 8)
+    with pytest.raises(ValueError, match="mesh.fsdp must be a positive integer"):
+        pm.resolve_shape((1, 0, 1), 8)
+
+
+def test_more_devices_than_present_is_an_error():
+    n = len(jax.devices())
+    with pytest.raises(ValueError, match=f"requests {2 * n} devices but only {n} are present"):
+        pm.make_mesh(tensor=2 * n)
+
+
+def test_mesh_must_divide_heads_and_kv_heads():
+    with pytest.raises(ValueError, match=r"mesh.tensor=8 does not divide the model's n_heads=4"):
+        rules.check_model(preset("tiny"), {"data": 1, "fsdp": 1, "tensor": 8})
+    with pytest.raises(ValueError, match=r"mesh.tensor=4 does not divide the model's kv_heads=2"):
+        rules.check_model(preset("tiny", n_heads=8), {"data": 1, "fsdp": 1, "tensor": 4})
+    with pytest.raises(ValueError, match=r"mesh.fsdp=3 does not divide the model's dim=64"):
+        rules.check_model(CONFIG, {"data": 1, "fsdp": 3, "tensor": 1})
+    rules.check_model(CONFIG, {"data": 2, "fsdp": 2, "tensor": 8})  # all divide
+
+
+# ---- tests on 8 simulated devices --------------------------------------------------------------
+
+def test_dense_logits_and_generation_match_single_device():
+    out = run_case("dense")
+    assert out.count("ok mesh") == len(MESHES), out
+
+
+def test_sharded_loading_rejects_a_mesh_that_does_not_divide_heads():
+    run_case("bad_mesh")
+
+
+def test_real_model_sharded_matches_single_device():
+    assert "ok smollm2" in run_case("smollm2", timeout=400)
+
+
+# ---- the cases ----------------------------------------------------------------------------------
+
+def _generate(gen, prompts, max_new_tokens: int = 12) -> list[list[int]]:
+    """Greedy tokens per row through `Generator.stream` (token-id prompts need no vocabulary)."""
+    from pyllama_jax.generate import SamplingConfig
+
+    rows: list[list[int]] = [[] for _ in prompts]
+    for step in gen.stream(prompts, SamplingConfig(max_new_tokens=max_new_tokens)):
+        for row, tok in zip(rows, step):
+            row.append(tok)
+    return rows
+
+
+def _check_cache_is_sharded(gen, mesh, shape: tuple[int, int, int]) -> None:
+    """Run the generator's own prefill and decode programs (as compiled by `_generate`: batch 8,
+    prompt bucket 16, cache 32) and inspect the cache they return."""
+    import jax.numpy as jnp
+
+    from pyllama_jax.sharding import place
+
+    b, length = 8, 32
+    cache = place.create_cache(CONFIG, b, length, mesh)
+    knobs = (jnp.zeros(b), jnp.zeros(b, jnp.int32), jnp.ones(b))
+    tokens, lengths = jnp.ones((b, 16), jnp.int32), jnp.full((b,), 16, jnp.int32)
+    nxt, cache = gen._prefill(gen.state, tokens, lengths, cache, jax.random.key(0), *knobs)
+    nxt, cache = gen._decode(gen.state, cache, jnp.asarray(np.asarray(nxt)), lengths, jax.random.key(1), *knobs)
+    data, fsdp, tensor = shape
+    want = (b // (data * fsdp), length, CONFIG.kv_heads // tensor, CONFIG.head_dim)
+    for arr in cache.k + cache.v:
+        shards = arr.addressable_shards
+        assert len(shards) == N_DEVICES
+        assert {s.data.shape for s in shards} == {want}, (shape, [s.data.shape for s in shards])
+        assert len({str(s.index) for s in shards}) == N_DEVICES  # every device holds a different part
+
+
+def case_dense() -> None:
+    from pyllama_jax.api import Model
+    from pyllama_jax.generate import Generator
+    from pyllama_jax.model.llama import init_model
+    from pyllama_jax.model.params import build_model, named_tensors
+    from pyllama_jax.sharding import place
+    from pyllama_jax.tokenizer import Tokenizer
+
+    assert jax.device_count() == N_DEVICES
+    model = init_model(CONFIG, seed=1)
+    ids = np.random.default_rng(0).integers(0, CONFIG.vocab_size, (8, 24))
+    mask = np.ones_like(ids)
+    mask[1, 20:] = mask[5, 9:] = 0  # right padding in two rows
+    ref_logits = np.asarray(Model(model, None).logits(ids, mask))
+    prompts = [list(ids[i, : 3 + i]) for i in range(8)]  # lengths 3..10
+    no_vocab = Tokenizer(None, "ids", None, None, False)
+    ref_tokens = _generate(Generator(model, no_vocab), prompts)
+    for shape in MESHES:
+        mesh = pm.make_mesh(*shape)
+        sharded = build_model(CONFIG, named_tensors(model), "random tiny", place.placer(CONFIG, mesh))
+        q = sharded.layers[0].attn.q.kernel[...]
+        assert q.sharding.spec == P("fsdp", "tensor") and q.addressable_shards[0].data.shape == (
+            CONFIG.dim // shape[1], CONFIG.dim // shape[2])
+        err = rel_err(Model(sharded, None, mesh=mesh).logits(ids, mask), ref_logits)
+        assert err < RTOL, (shape, err)
+        gen = Generator(sharded, no_vocab, mesh)
+        tokens = _generate(gen, prompts)
+        assert tokens == ref_tokens, (shape, tokens, ref_tokens)
+        _check_cache_is_sharded(gen, mesh, shape)
+        print(f"ok mesh {shape}: logits rel err {err:.2e}, {sum(map(len, tokens))} greedy tokens equal")
+
+
+def case_bad_mesh() -> None:
+    from pyllama_jax.model.llama import init_model
+    from pyllama_jax.model.params import build_model, named_tensors
+    from pyllama_jax.sharding import place
+
+    config = preset("tiny")  # 4 heads, 2 kv heads
+    with pytest.raises(ValueError, match="mesh.tensor=8 does not divide the model's n_heads=4"):
+        place.placer(config, pm.make_mesh(1, 1, 8))
+    with pytest.raises(ValueError, match="mesh.tensor=4 does not divide the model's kv_heads=2"):
+        place.placer(config.replace(n_heads=8, dim=128), pm.make_mesh(2, 1, 4))
+    with pytest.raises(ValueError, match="requests 16 devices but only 8 are present"):
+        pm.make_mesh(2, 1, 8)
+    mesh = pm.make_mesh(1, 4, 2)  # divides heads, kv_heads, mlp, vocab and dim: loads
+    model = build_model(config, named_tensors(init_model(config)), "tiny", place.placer(config, mesh))
+    assert model.layers[0].mlp.down.kernel[...].sharding.spec == P("tensor", "fsdp")
+
+
+def case_smollm2() -> None:
+    import pyllama_jax as pj
+
+    ref = pj.load("smollm2-135m")
+    ids = ref.tokenizer.encode("The capital of France is Paris, and the capital of Italy is")
+    ref_logits = np.asarray(ref.logits(ids))
+    del ref
+    mesh = pm.make_mesh(1, 2, 3)  # SmolLM2 has 9 heads and 3 kv heads: tensor=3
+    sharded = pj.load("smollm2-135m", mesh=mesh)
+    assert sharded.module.embed[...].sharding.spec == P("tensor", "fsdp")
+    assert sharded.module.layers[0].attn.k.kernel[...].addressable_shards[0].data.shape == (576 // 2, 192 // 3)
+    err = rel_err(sharded.logits(ids), ref_logits)
+    assert err < RTOL, err
+    print(f"ok smollm2 on {pm.describe(mesh)}: rel err {err:.2e}")
+
+
+if __name__ == "__main__":
+    globals()["case_" + sys.argv[1]]()
