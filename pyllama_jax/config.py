@@ -35,6 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = data_config()
     c.train = train_config()
+    c.serve = serve_config()
     return c
 
 
@@ -78,6 +79,20 @@ def train_config() -> ml_collections.ConfigDict:
     t.export_format = ""  # after training: "native", "hf" or "meta" (LoRA merged first); "" = none
     t.export_path = ""  # where to export (default <workdir>/export)
     return t
+
+
+def serve_config() -> ml_collections.ConfigDict:
+    """The HTTP server (`scripts/serve.py`, `pyllama_jax.serve`)."""
+    s = ml_collections.ConfigDict()
+    s.host = "127.0.0.1"  # address to bind; anything but loopback requires an API key
+    s.port = 8000  # TCP port (0 = any free port, printed at start)
+    s.api_key = ""  # bearer token required on /v1/ (or $PYLLAMA_API_KEY); "" = none, local use only
+    s.model_name = ""  # the model id clients send ("" = the model's file or folder name)
+    s.slots = 8  # concurrent generations: rows of the decode batch
+    s.context = 2048  # tokens per slot, prompt + completion (capped at the model's; 0 = the model's)
+    s.max_queue = 64  # requests waiting for a slot before new ones get HTTP 503
+    s.prefill_chunk = 64  # prompt tokens read per step (interleaved with decode steps)
+    return s
 
 
 def meta_llama_config(folder: str) -> ml_collections.ConfigDict:

@@ -1,0 +1,337 @@
+"""Continuous batching: requests join and leave a fixed set of decode slots at token boundaries.
+
+Each slot is one row of a shared `KVCache`. A new request is prefilled into its row in chunks of
+`prefill_chunk` tokens (one chunk between decode steps, so running requests keep streaming); then
+one jitted step decodes every active slot at its own position, with its own temperature, top-k,
+top-p and random stream (`fold_in(key(seed), token_index)`, so a seeded request gives the same text
+whatever else is running). A step runs on the smallest block of rows and cache positions that holds
+every active slot, both rounded up to powers of two: one user does not pay for idle slots or unused
+context, and a session compiles a handful of programs, all fixed by the slot count and context.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import queue
+import threading
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pyllama_jax.generate import sample
+from pyllama_jax.model.kv_cache import KVCache
+from pyllama_jax.model.llama import Llama
+from pyllama_jax.serve.text import TextStream
+from pyllama_jax.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+MIN_WINDOW = 128  # smallest cache window a step attends over
+
+
+class QueueFull(RuntimeError):
+    """Every slot is busy and the waiting queue is full."""
+
+
+@dataclasses.dataclass
+class Event:
+    """What a request receives: new text, and on its last event why it finished."""
+
+    text: str
+    finish_reason: str | None = None  # "stop" (EOS or stop string), "length", "cancelled" or "error"
+    completion_tokens: int = 0  # tokens generated so far
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One generation: prompt token ids, sampling knobs and where its events go."""
+
+    prompt: list[int]
+    max_tokens: int
+    on_event: Callable[[Event], None]  # called from the engine thread
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no cut
+    seed: int = 0  # with temperature > 0: the same seed gives the same tokens
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # keep generating past end-of-sequence (benchmarks)
+    cancelled: bool = False
+
+
+@dataclasses.dataclass(eq=False)
+class _Slot:
+    request: Request
+    text: TextStream
+    prefilled: int = 0  # prompt tokens already in the cache
+    generated: int = 0
+
+
+def _pow2(n: int, low: int, high: int) -> int:
+    b = low
+    while b < n:
+        b *= 2
+    return min(b, high)
+
+
+class Engine:
+    """A background thread that runs admitted requests through `slots` cache rows."""
+
+    def __init__(self, model: Llama, tokenizer: Tokenizer, slots: int = 8, context: int = 0,
+                 max_queue: int = 64, prefill_chunk: int = 64):
+        """`context`: tokens per slot (capped at the model's max_seq_len; 0 = that)."""
+        if slots < 1 or prefill_chunk < 1 or max_queue < 0 or context < 0:
+            raise ValueError(f"serve: slots={slots} and prefill_chunk={prefill_chunk} must be >= 1, "
+                             f"max_queue={max_queue} and context={context} >= 0")
+        self.config, self.tokenizer = model.config, tokenizer
+        self.slots, self.context = slots, min(context or model.config.max_seq_len, model.config.max_seq_len)
+        self.max_queue, self.prefill_chunk = max_queue, prefill_chunk
+        self._graphdef, self._state = nnx.split(model)
+        self._cache = KVCache.create(self.config, slots, self.context)
+        self._prefill = jax.jit(self._prefill_fn, static_argnames=("window",), donate_argnames=("cache",))
+        self._decode = jax.jit(self._decode_fn, static_argnames=("rows", "window"), donate_argnames=("cache",))
+        self._rows: list[_Slot | None] = [None] * slots
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="pyllama-engine", daemon=True)
+        # Host copies of the per-slot decode inputs.
+        self._tokens = np.zeros(slots, np.int32)
+        self._positions = np.zeros(slots, np.int32)
+        self._seeds = np.zeros(slots, np.uint32)
+        self._temperature = np.zeros(slots, np.float32)
+        self._top_k = np.zeros(slots, np.int32)
+        self._top_p = np.ones(slots, np.float32)
+
+    # ---- jitted programs -------------------------------------------------------------------------
+
+    @staticmethod
+    def _window(cache: KVCache, rows: int | jax.Array, window: int, slot: jax.Array | None = None) -> KVCache:
+        """The first `window` positions of rows `[:rows]`, or of the one row `slot`."""
+        if slot is None:
+            take = lambda a: a[:rows, :window]
+        else:
+            take = lambda a: jax.lax.dynamic_slice_in_dim(a[:, :window], slot, 1, axis=0)
+        return KVCache([take(k) for k in cache.k], [take(v) for v in cache.v])
+
+    @staticmethod
+    def _write_back(cache: KVCache, part: KVCache, rows: jax.Array, positions: jax.Array) -> KVCache:
+        """Copy what a step wrote into `part` (row b, `positions[b, t]`) to cache rows `rows[b]`.
+
+        Only the new entries move (positions past the cache are dropped): writing the whole window
+        back makes XLA copy the entire cache on every step.
+        """
+        b = jnp.arange(positions.shape[0])[:, None]
+        put = lambda big, small: big.at[rows[:, None], positions].set(small[b, positions], mode="drop")
+        return KVCache([put(a, w) for a, w in zip(cache.k, part.k)], [put(a, w) for a, w in zip(cache.v, part.v)])
+
+    @staticmethod
+    def _sample(logits, seeds, steps, temperature, top_k, top_p):
+        """`generate.sample` with one random stream per row; plain argmax when every row is greedy."""
+        def sampled():
+            keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(seeds, steps)
+            one = lambda lg, k, t, tk, tp: sample(lg[None], k, t[None], tk[None], tp[None])[0]
+            return jax.vmap(one)(logits, keys, temperature, top_k, top_p)
+        return jax.lax.cond(jnp.any(temperature > 0), sampled,
+                            lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32))
+
+    def _prefill_fn(self, state, cache, slot, tokens, start, last, seed, temperature, top_k, top_p, *, window):
+        """Run `tokens[1, chunk]` at positions `start...` through row `slot`; sample from index `last`."""
+        model = nnx.merge(self._graphdef, state)
+        positions = start + jnp.arange(tokens.shape[1])[None]
+        logits, part = model(tokens, positions, self._window(cache, 1, window, slot))
+        nxt = self._sample(logits[:, last], seed[None], jnp.zeros(1, jnp.int32), temperature[None],
+                           top_k[None], top_p[None])
+        return nxt[0], self._write_back(cache, part, slot[None], positions)
+
+    def _decode_fn(self, state, cache, tokens, positions, seeds, steps, temperature, top_k, top_p, *,
+                   rows, window):
+        """One token for each of the first `rows` slots (a slot at position >= context writes nothing)."""
+        model = nnx.merge(self._graphdef, state)
+        logits, part = model(tokens[:, None], positions[:, None], self._window(cache, rows, window))
+        nxt = self._sample(logits[:, 0], seeds, steps, temperature, top_k, top_p)
+        return nxt, self._write_back(cache, part, jnp.arange(rows), positions[:, None])
+
+    # ---- public API --------------------------------------------------------------------------------
+
+    def start(self) -> "Engine":
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join(timeout=30)
+
+    def warmup(self) -> None:
+        """Compile the programs a short request needs (slot 0's row is free, so its contents may go)."""
+        z = jnp.zeros((), jnp.int32)
+        _, self._cache = self._prefill(self._state, self._cache, z, jnp.zeros((1, self.prefill_chunk), jnp.int32),
+                                       z, z, jnp.zeros((), jnp.uint32), jnp.zeros(()), z, jnp.ones(()),
+                                       window=self._prefill_window(0))
+        nxt, self._cache = self._decode(self._state, self._cache, *self._decode_inputs(1), rows=1,
+                                        window=_pow2(1, MIN_WINDOW, self.context))
+        nxt.block_until_ready()
+
+    def check(self, prompt_tokens: int, max_tokens: int) -> None:
+        """Raise ValueError, saying by how much, if a request cannot fit the context."""
+        if prompt_tokens < 1:
+            raise ValueError("the prompt is empty")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens={max_tokens}: expected at least 1")
+        over = prompt_tokens + max_tokens - self.context
+        if over > 0:
+            raise ValueError(f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) is "
+                             f"{prompt_tokens + max_tokens} tokens, {over} more than this model's context "
+                             f"of {self.context} tokens; shorten the prompt or lower max_tokens")
+
+    def submit(self, *requests: Request) -> None:
+        """Queue requests (all or none); raises ValueError if one cannot fit, QueueFull if no room."""
+        for r in requests:
+            self.check(len(r.prompt), r.max_tokens)
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            free = self._rows.count(None)
+            if len(self._waiting) + len(requests) > self.max_queue + free:
+                raise QueueFull(f"all {self.slots} slots are busy and {len(self._waiting)} requests are "
+                                f"waiting (serve.max_queue={self.max_queue}); retry later")
+            self._waiting.extend(requests)
+            self._cv.notify_all()
+
+    def cancel(self, *requests: Request) -> None:
+        """Stop requests (a client went away): their slots are freed before the next step."""
+        with self._cv:
+            for r in requests:
+                r.cancelled = True
+            self._cv.notify_all()
+
+    def stats(self) -> dict[str, int]:
+        with self._cv:
+            return {"slots": self.slots, "active": self.slots - self._rows.count(None),
+                    "queued": len(self._waiting), "context": self.context}
+
+    def stream(self, request_kwargs: dict) -> Iterator[Event]:
+        """Submit one request from a plain thread and iterate over its events (closing cancels it)."""
+        events: queue.Queue[Event] = queue.Queue()
+        request = Request(on_event=events.put, **request_kwargs)
+        self.submit(request)
+        try:
+            while True:
+                event = events.get()
+                yield event
+                if event.finish_reason is not None:
+                    return
+        finally:
+            self.cancel(request)
+
+    # ---- the engine thread -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closed and not self._waiting and all(s is None for s in self._rows):
+                    self._cv.wait()
+                if self._closed:
+                    break
+                self._drop_cancelled()
+                self._admit()
+            try:
+                self._prefill_step()
+                if any(s is not None and s.prefilled == len(s.request.prompt) for s in self._rows):
+                    self._decode_step()
+            except Exception as e:  # a failed step leaves the donated cache unusable: start afresh
+                log.exception("engine step failed")
+                self._cache = KVCache.create(self.config, self.slots, self.context)
+                for i, s in enumerate(self._rows):
+                    if s is not None:
+                        self._finish(i, Event("", "error", s.generated))
+                        log.error("request failed: %s", e)
+        for i, s in enumerate(self._rows):
+            if s is not None:
+                self._finish(i, Event("", "cancelled", s.generated))
+
+    def _drop_cancelled(self) -> None:
+        self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
+        for i, s in enumerate(self._rows):
+            if s is not None and s.request.cancelled:
+                self._finish(i, Event("", "cancelled", s.generated))
+
+    def _admit(self) -> None:
+        for i in range(self.slots):
+            if self._rows[i] is None and self._waiting:
+                r = self._waiting.popleft()
+                self._rows[i] = _Slot(r, TextStream(self.tokenizer, r.stop))
+                self._seeds[i] = np.uint32(r.seed & 0xFFFFFFFF)
+                self._temperature[i], self._top_k[i], self._top_p[i] = r.temperature, r.top_k, r.top_p
+
+    def _prefill_window(self, start: int) -> int:
+        return _pow2(start + self.prefill_chunk, MIN_WINDOW, self.context)
+
+    def _prefill_step(self) -> None:
+        """One prompt chunk of the longest-waiting slot that still has prompt to read."""
+        pending = [i for i, s in enumerate(self._rows) if s is not None and s.prefilled < len(s.request.prompt)]
+        if not pending:
+            return
+        i = pending[0]
+        s = self._rows[i]
+        prompt, start = s.request.prompt, s.prefilled
+        chunk = np.zeros((1, self.prefill_chunk), np.int32)
+        part = prompt[start:start + self.prefill_chunk]
+        chunk[0, :len(part)] = part
+        nxt, self._cache = self._prefill(
+            self._state, self._cache, jnp.int32(i), jnp.asarray(chunk), jnp.int32(start),
+            jnp.int32(len(part) - 1), jnp.uint32(self._seeds[i]), jnp.float32(self._temperature[i]),
+            jnp.int32(self._top_k[i]), jnp.float32(self._top_p[i]), window=self._prefill_window(start))
+        s.prefilled += len(part)
+        if s.prefilled == len(prompt):
+            self._positions[i] = len(prompt)
+            self._on_token(i, int(nxt))
+
+    def _decode_inputs(self, rows: int) -> tuple:
+        steps = np.array([s.generated if s is not None else 0 for s in self._rows[:rows]], np.int32)
+        return tuple(jnp.asarray(a[:rows]) for a in (self._tokens, self._positions, self._seeds)) + (
+            jnp.asarray(steps),) + tuple(jnp.asarray(a[:rows]) for a in (self._temperature, self._top_k, self._top_p))
+
+    def _decode_step(self) -> None:
+        decoding = [i for i, s in enumerate(self._rows) if s is not None and s.prefilled == len(s.request.prompt)]
+        rows = _pow2(max(decoding) + 1, 1, self.slots)
+        window = _pow2(int(self._positions[decoding].max()) + 1, MIN_WINDOW, self.context)
+        for i in range(rows):  # rows with no decoding request sit past the cache: their writes drop
+            if i not in decoding:
+                self._positions[i] = self.context
+        nxt, self._cache = self._decode(self._state, self._cache, *self._decode_inputs(rows), rows=rows,
+                                        window=window)
+        nxt = np.asarray(nxt)
+        for i in decoding:
+            self._positions[i] += 1
+            self._on_token(i, int(nxt[i]))
+
+    def _on_token(self, i: int, token: int) -> None:
+        s = self._rows[i]
+        r = s.request
+        s.generated += 1
+        self._tokens[i] = token
+        if token in self.tokenizer.eos_ids and not r.ignore_eos:
+            self._finish(i, Event(s.text.flush(), "stop", s.generated))
+            return
+        text = s.text.push(token)
+        if s.text.stopped:
+            self._finish(i, Event(text, "stop", s.generated))
+        elif s.generated >= r.max_tokens:
+            self._finish(i, Event(text + s.text.flush(), "length", s.generated))
+        elif text:
+            r.on_event(Event(text, None, s.generated))
+
+    def _finish(self, i: int, event: Event) -> None:
+        request = self._rows[i].request
+        with self._cv:
+            self._rows[i] = None
+        try:
+            request.on_event(event)
+        except Exception:  # a consumer that went away must not stop the engine
+            log.exception("on_event failed")

@@ -1,0 +1,53 @@
+"""Serve the configured model: OpenAI-compatible API with continuous batching, and a web chat at /.
+
+    python scripts/serve.py --config=configs/smollm2_135m.py --config.serve.port=8000
+    curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+        -d '{"model": "smollm2-135m", "messages": [{"role": "user", "content": "Hi"}]}'
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+from absl import app
+from ml_collections import config_flags
+
+import pyllama_jax as pj
+from pyllama_jax.serve.engine import Engine
+from pyllama_jax.serve.openai_api import create_app, is_loopback, serve
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/smollm2_135m.py", "job configuration file")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    c = _CONFIG.value
+    s = c.serve
+    api_key = s.api_key or os.environ.get("PYLLAMA_API_KEY", "")
+    if not api_key and not is_loopback(s.host):
+        sys.exit(f"error: serve.host={s.host!r} is reachable from other machines; set serve.api_key or "
+                 "$PYLLAMA_API_KEY (without a key the server is for local use only: host 127.0.0.1)")
+    try:
+        model = pj.load(c.model, dtype=c.dtype, param_dtype=c.param_dtype)
+    except FileNotFoundError as e:
+        sys.exit(f"error: {e}")
+    if model.tokenizer is None:
+        sys.exit(f"error: {model.source} has no tokenizer, so it cannot be served")
+    engine = Engine(model.module, model.tokenizer, slots=s.slots, context=s.context, max_queue=s.max_queue,
+                    prefill_chunk=s.prefill_chunk)
+    print(f"loaded {model.source}; compiling for {s.slots} slots of {engine.context} tokens", flush=True)
+    engine.warmup()
+    engine.start()
+    name = s.model_name or os.path.splitext(os.path.basename(c.model.rstrip("/")))[0]
+    ready = lambda url: print(f"serving {name} at {url} (web chat at {url}/, API at {url}/v1)", flush=True)
+    try:
+        asyncio.run(serve(create_app(engine, name, api_key), s.host, s.port, ready))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        engine.close()
+
+
+if __name__ == "__main__":
+    app.run(main)
