@@ -78,30 +78,9 @@ def load(path_or_name: str, dtype: str | None = None, param_dtype: str | None = 
     `dtype` is the compute dtype and `param_dtype` the storage dtype of the weights
     (float32, bfloat16 or float16; default float32 for both).
     """
-    from pyllama_jax.convert import gguf
+    from pyllama_jax.convert import open_checkpoint
     from pyllama_jax.model.params import build_model
 
     overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v}
-    path = embedded_path(path_or_name) if path_or_name in EMBEDDED else os.path.expanduser(path_or_name)
-    if path.endswith(".gguf"):
-        g = gguf.GGUFFile(path)
-        config = g.config(**overrides)
-        module = build_model(config, g.tensors(config), path)
-        sp = os.path.join(os.path.dirname(path), "tokenizer.model")
-        tokenizer = tok.from_sentencepiece(sp) if os.path.isfile(sp) else tok.from_gguf(g.fields, path)
-        return _checked(Model(module, tokenizer, path))
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no model at {path!r}: expected a .gguf file, a Hugging Face folder "
-                                f"(config.json), a Meta folder (params.json + consolidated.*.pth), a native "
-                                f"checkpoint, or one of {sorted(EMBEDDED)}")
-    raise ValueError(f"{path}: not a recognised checkpoint (expected a .gguf file, config.json, "
-                     "params.json + consolidated.*.pth, or a native checkpoint)")
-
-
-def _checked(model: Model) -> Model:
-    """Refuse a tokenizer that does not fit the embedding table."""
-    if model.tokenizer is not None and model.tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"{model.tokenizer.source}: tokenizer has {model.tokenizer.vocab_size} tokens "
-                         f"but the model's vocabulary is {model.config.vocab_size}")
-    return model
-
+    ckpt = open_checkpoint(path_or_name, **overrides)
+    return Model(build_model(ckpt.config, ckpt.tensors, ckpt.source), ckpt.tokenizer, ckpt.source)

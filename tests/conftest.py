@@ -38,3 +38,49 @@ def data_dir() -> str:
     if not os.path.isdir(DATA_DIR):
         raise FileNotFoundError(f"reference data not found at {DATA_DIR}; set PYLLAMA_DATA_DIR")
     return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def smollm2_batch(smollm2):
+    """Three prompts of different lengths, right-padded: `(ids[3, t], mask[3, t])` as int32."""
+    import numpy as np
+
+    texts = ["Hello!", "The quick brown fox jumps over the lazy dog, and then it runs far away.",
+             "In 1905 Albert Einstein published four papers that changed physics: on the photoelectric "
+             "effect, on Brownian motion, on special relativity, and on the equivalence of mass and "
+             "energy. Each of them"]
+    rows = [smollm2.tokenizer.encode(t) for t in texts]
+    ids = np.zeros((len(rows), max(map(len, rows))), np.int32)
+    mask = np.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = r, 1
+    return ids, mask
+
+
+@pytest.fixture(scope="session")
+def smollm2_torch_logits(hf_smollm2, smollm2_batch):
+    """HF transformers' float32 logits for `smollm2_batch` (numpy)."""
+    import torch
+
+    ids, mask = smollm2_batch
+    with torch.no_grad():
+        return hf_smollm2(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+
+
+@pytest.fixture(scope="session")
+def logits_of():
+    """`logits_of(model, ids, mask)`: a `pj.Model`'s float32 logits as numpy. Models of one structure
+    share one compiled forward, so the same weights loaded from several formats compile once."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    compiled = {}
+
+    def run(model, ids, mask):
+        graphdef, state = nnx.split(model.module)
+        if graphdef not in compiled:
+            compiled[graphdef] = jax.jit(lambda s, i, m: nnx.merge(graphdef, s)(i, attention_mask=m)[0])
+        return np.asarray(compiled[graphdef](state, ids, mask))
+
+    return run

@@ -1,0 +1,83 @@
+"""Checkpoint formats: open any supported checkpoint as a config, a tokenizer and a tensor stream.
+
+Formats: llama GGUF (`gguf`), Hugging Face folders (`hf`), Meta's consolidated shards (`meta`) and
+our own (`native`). Each yields our tensor names and layout (see `pyllama_jax.model.params`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Iterable
+
+import numpy as np
+
+from pyllama_jax.model.config import ModelConfig
+from pyllama_jax.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """An opened checkpoint; `tensors` is read lazily, one `(name, array)` pair at a time."""
+
+    config: ModelConfig
+    tensors: Iterable[tuple[str, np.ndarray]]
+    tokenizer: Tokenizer | None
+    source: str
+
+
+class NameMap:
+    """Two-way renaming between a format's tensor names and ours (`layers.3.attn.q.kernel`)."""
+
+    def __init__(self, top: dict[str, str], layer_prefix: str, layer: dict[str, str]):
+        self.top, self.prefix, self.layer = top, layer_prefix, layer
+        self._top_back = {v: k for k, v in top.items()}
+        self._layer_back = {v: k for k, v in layer.items()}
+
+    def ours(self, name: str) -> str | None:
+        """Our name for the format's `name`, or None if it is not a LLaMA weight."""
+        if name in self.top:
+            return self.top[name]
+        if name.startswith(self.prefix):
+            index, _, rest = name[len(self.prefix):].partition(".")
+            if index.isdigit() and rest in self.layer:
+                return f"layers.{index}.{self.layer[rest]}"
+        return None
+
+    def theirs(self, name: str) -> str:
+        if name in self._top_back:
+            return self._top_back[name]
+        _, index, rest = name.split(".", 2)
+        return f"{self.prefix}{index}.{self._layer_back[rest]}"
+
+
+def open_checkpoint(path_or_name: str, **overrides: Any) -> Checkpoint:
+    """Open a `.gguf` file, an HF, Meta or native folder, or an embedded model name.
+
+    `overrides` replace `ModelConfig` fields (e.g. `param_dtype`). A tokenizer with more tokens
+    than the model's vocabulary is refused here, so every loader and converter checks it.
+    """
+    from pyllama_jax import tokenizer as tok
+    from pyllama_jax.api import EMBEDDED, embedded_path
+    from pyllama_jax.convert import gguf, hf, meta, native
+
+    path = embedded_path(path_or_name) if path_or_name in EMBEDDED else os.path.expanduser(path_or_name)
+    if path.endswith(".gguf"):
+        g = gguf.GGUFFile(path)
+        config = g.config(**overrides)
+        sp = os.path.join(os.path.dirname(path), "tokenizer.model")
+        tokenizer = tok.from_sentencepiece(sp) if os.path.isfile(sp) else tok.from_gguf(g.fields, path)
+        ckpt = Checkpoint(config, g.tensors(config), tokenizer, path)
+    elif not os.path.exists(path):
+        raise FileNotFoundError(f"no model at {path!r}: expected a .gguf file, a Hugging Face folder "
+                                f"(config.json), a Meta folder (params.json + consolidated.*.pth), a native "
+                                f"checkpoint ({native.MANIFEST}), or one of {sorted(EMBEDDED)}")
+    else:
+        fmt = next((f for f in (native, hf, meta) if f.detect(path)), None)
+        if fmt is None:
+            raise ValueError(f"{path}: not a recognised checkpoint (expected a .gguf file, or a folder with "
+                             f"config.json, params.json + consolidated.*.pth, or {native.MANIFEST})")
+        ckpt = fmt.read(path, **overrides)
+    if ckpt.tokenizer is not None and ckpt.tokenizer.vocab_size > ckpt.config.vocab_size:
+        raise ValueError(f"{ckpt.tokenizer.source}: tokenizer has {ckpt.tokenizer.vocab_size} tokens "
+                         f"but the model's vocabulary is {ckpt.config.vocab_size}")
+    return ckpt
