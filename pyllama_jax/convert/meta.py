@@ -64,7 +64,7 @@ def read(folder: str, **overrides: Any) -> Checkpoint:
     params = read_json(params_path)
     paths = shard_paths(folder)
     states = [load_torch(p) for p in paths]
-    shapes = _merged_shapes(states, paths, params, params_path)
+    shapes = _merged_shapes(states, paths)
     tied = "output.weight" in shapes and np.array_equal(_merged(states, "output.weight"),
                                                         _merged(states, "tok_embeddings.weight"))
     config = config_from_params(params, params_path, shapes, **{"tie_embeddings": tied, **overrides})
@@ -72,18 +72,18 @@ def read(folder: str, **overrides: Any) -> Checkpoint:
     return Checkpoint(config, _tensors(config, states, paths), tokenizer, folder)
 
 
-def _merged_shapes(states: list[dict[str, Any]], paths: list[str], params: dict[str, Any],
-                   params_path: str) -> dict[str, tuple[int, ...]]:
+def _merged_shapes(states: list[dict[str, Any]], paths: list[str]) -> dict[str, tuple[int, ...]]:
     """Shapes of the whole tensors; every shard must hold the same names."""
-    emb = states[0].get("tok_embeddings.weight")
-    if emb is None:
-        raise ValueError(f"{paths[0]}: tensor 'tok_embeddings.weight' is missing")
-    dim = params.get("dim")
-    if isinstance(dim, int) and dim % emb.shape[1] == 0 and dim // emb.shape[1] > len(paths):
+    for name in ("tok_embeddings.weight", "norm.weight"):
+        if name not in states[0]:
+            raise ValueError(f"{paths[0]}: tensor {name!r} is missing")
+    # The replicated final norm has the whole model dim; the embedding holds 1/shards of it.
+    dim, columns = states[0]["norm.weight"].shape[0], states[0]["tok_embeddings.weight"].shape[1]
+    if dim % columns == 0 and dim // columns > len(paths):
         raise FileNotFoundError(
-            f"{os.path.dirname(paths[0])}: each shard holds {emb.shape[1]} of dim={dim} embedding columns "
-            f"({params_path}), so {dim // emb.shape[1]} shards are expected but only {len(paths)} were "
-            f"found: consolidated.{len(paths):02d}.pth is missing")
+            f"{os.path.dirname(paths[0])}: each shard holds {columns} of the model's {dim} embedding columns, "
+            f"so {dim // columns} shards are expected but only {len(paths)} were found: "
+            f"consolidated.{len(paths):02d}.pth is missing")
     shapes = {}
     for name, t in states[0].items():
         axis, shape = split_axis(name), list(t.shape)
