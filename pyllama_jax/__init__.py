@@ -1,6 +1,18 @@
-"""pyllama-jax: LLaMA-family models in JAX/Flax, small, fast and easy to study."""
-from pyllama_jax.api import Model, load
-from pyllama_jax.generate import Generation, SamplingConfig
-from pyllama_jax.model.config import ModelConfig, preset
+"""pyllama-jax: LLaMA-family models in JAX/Flax, small, fast and easy to study.
 
-__all__ = ["Model", "load", "Generation", "SamplingConfig", "ModelConfig", "preset"]
+The facade is imported lazily, so `python -m pyllama_jax.download` does not start JAX.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {"Model": "api", "load": "api", "Generation": "generate", "SamplingConfig": "generate",
+            "ModelConfig": "model.config", "preset": "model.config"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'pyllama_jax' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"pyllama_jax.{_EXPORTS[name]}"), name)
