@@ -22,6 +22,7 @@ setup(
         "jinja2>=3.1",
         "tqdm>=4.60",
         "matplotlib>=3.7",
+        "huggingface_hub>=2.0",  # download.py --hf (snapshot_download with dry_run)
     ],
     extras_require={
         # PyTorch-side peers: checkpoint .pth/.bin reading, HF parity tests, benchmarks.
