@@ -7,6 +7,7 @@ compared with what our exporter writes and what our loader merges.
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -183,3 +184,21 @@ def test_params_json_without_shards(tmp_path):
     (tmp_path / "params.json").write_text(json.dumps(SMOLLM2_PARAMS))
     with pytest.raises(FileNotFoundError, match=r"no consolidated.NN.pth files"):
         pj.load(str(tmp_path))
+
+
+def test_sentencepiece_tokenizer_travels_with_the_checkpoint(tiny_meta, data_dir, tmp_path):
+    import sentencepiece
+
+    from pyllama_jax import tokenizer as tok
+
+    with open(os.path.join(data_dir, "gutenberg", "pride_and_prejudice.txt"), encoding="utf-8") as f:
+        text = f.read(200_000)
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(text.splitlines()), vocab_size=200,
+                                             model_prefix=str(tmp_path / "sp"), model_type="bpe")
+    sp = tok.from_sentencepiece(str(tmp_path / "sp.model"))
+    model = pj.load(str(tiny_meta))
+    meta.save(str(tmp_path / "with_sp"), model.config, named_tensors(model.module), sp)
+    reloaded = pj.load(str(tmp_path / "with_sp")).tokenizer
+    assert reloaded.kind == "sentencepiece" and (reloaded.bos_id, reloaded.eos_id) == (sp.bos_id, sp.eos_id)
+    sample = "It is a truth universally acknowledged."
+    assert reloaded.encode(sample) == sp.encode(sample) and len(sp.encode(sample)) > 5

@@ -136,16 +136,18 @@ def read(folder: str, **overrides: Any) -> Checkpoint:
     config_path = os.path.join(folder, "config.json")
     config = config_from_hf(read_json(config_path), config_path, **overrides)
     files = weight_files(folder)
+    torch_states = {p: load_torch(p) for p in files if not p.endswith(".safetensors")}
     for path in files:
-        if path.endswith(".safetensors"):
+        if path not in torch_states:
             safetensors_header(path)
-    return Checkpoint(config, _tensors(config, files), read_tokenizer(folder), folder)
+    return Checkpoint(config, _tensors(config, files, torch_states), read_tokenizer(folder), folder)
 
 
-def _tensors(config: ModelConfig, files: list[str]) -> Iterator[tuple[str, np.ndarray]]:
+def _tensors(config: ModelConfig, files: list[str],
+             torch_states: dict[str, dict[str, Any]]) -> Iterator[tuple[str, np.ndarray]]:
     for path in files:
-        items = read_safetensors(path) if path.endswith(".safetensors") else (
-            (k, torch_to_numpy(t)) for k, t in load_torch(path).items())
+        items = read_safetensors(path) if path not in torch_states else (
+            (k, torch_to_numpy(t)) for k, t in torch_states[path].items())
         for name, w in items:
             ours = NAMES.ours(name)
             if ours is None and name.endswith("rotary_emb.inv_freq"):

@@ -43,6 +43,8 @@ def safetensors_header(path: str) -> dict[str, dict[str, Any]]:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}: not a safetensors file (unreadable header: {e})") from e
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: not a safetensors file (its header is not a JSON object)")
     header.pop("__metadata__", None)
     data_size = size - 8 - n
     for name, info in header.items():
