@@ -65,7 +65,12 @@ def logical_to_spec(logical: Sequence[str | None], rules: Rules = RULES) -> Part
 
 
 def _ways(entry: MeshAxes, mesh_shape: Mapping[str, int]) -> int:
-    return math.prod(mesh_shape[a] for a in _as_tuple(entry))
+    return math.prod(mesh_shape.get(a, 1) for a in _as_tuple(entry))
+
+
+def split_ways(logical: str | None, mesh_shape: Mapping[str, int], rules: Rules = RULES) -> int:
+    """Into how many parts the rules split a dimension with this logical name."""
+    return _ways(logical_to_spec((logical,), rules)[0], mesh_shape)
 
 
 def fit_spec(logical: Sequence[str | None], shape: Sequence[int], mesh_shape: Mapping[str, int],
