@@ -56,19 +56,20 @@ def pack_rows(values: np.ndarray, bits: int) -> np.ndarray:
 
 
 def unpack_rows(packed: jax.Array, bits: int, n: int) -> jax.Array:
-    """Inverse of `pack_rows`: int32 `[words, m]` -> int32 values `[n, m]` (jnp, jit-friendly)."""
+    """Inverse of `pack_rows`: int32 `[words, m]` -> int32 values `[n, m]` (jnp, jit-friendly).
+
+    One gather-shift-or over whole periods, so the program size does not grow with `bits`.
+    """
     per, words = _period(bits)
+    k = np.arange(per)
+    word, shift = (k * bits) // 32, (k * bits) % 32
+    straddle = shift + bits > 32
     u = jax.lax.bitcast_convert_type(jnp.asarray(packed, jnp.int32), jnp.uint32)
     u = jnp.pad(u, ((0, -u.shape[0] % words), (0, 0))).reshape(-1, words, u.shape[1])
-    mask = jnp.uint32(2 ** bits - 1)
-    vals = []
-    for k in range(per):
-        w, s = divmod(k * bits, 32)
-        v = u[:, w] >> s
-        if s + bits > 32:
-            v = v | (u[:, w + 1] << (32 - s))
-        vals.append(v & mask)
-    return jnp.stack(vals, axis=1).reshape(-1, u.shape[2])[:n].astype(jnp.int32)
+    lo = u[:, word] >> jnp.asarray(shift, jnp.uint32)[:, None]
+    hi = u[:, np.minimum(word + 1, words - 1)] << jnp.asarray(np.where(straddle, 32 - shift, 0), jnp.uint32)[:, None]
+    v = jnp.where(jnp.asarray(straddle)[:, None], lo | hi, lo) & jnp.uint32(2 ** bits - 1)
+    return v.reshape(-1, u.shape[2])[:n].astype(jnp.int32)
 
 
 @jax.tree_util.register_dataclass

@@ -1,0 +1,255 @@
+"""GPTQ/RTN on SmolLM2-135M: the reference table and the bits x groupsize x method x act-order sweep.
+
+Every cell (quantization recipe + calibration + evaluation) is saved to
+`experiments/results/cells/<key>.json` when it finishes and skipped when rerun; GPTQ runs keep
+per-block checkpoints under `artifacts/ablation/` so an interrupted cell resumes. The Markdown
+table, CSV and plot are rebuilt from all finished cells.
+
+    PYLLAMA_DATA_DIR=../shared/data python experiments/ablation.py --grid=reference
+    python experiments/ablation.py --grid=sweep --windows=16 --nsamples=32
+    python experiments/ablation.py --report   # tables and plot only
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from pyllama_jax.data.text import calibration_windows, data_dir, eval_windows  # noqa: E402
+from pyllama_jax.eval.perplexity import corpus_ids, window_nlls  # noqa: E402
+from pyllama_jax.quant.calibrate import CalibrationConfig, quantize_gptq, quantize_rtn  # noqa: E402
+from pyllama_jax.quant.recipe import QuantRecipe  # noqa: E402
+
+RESULTS = os.path.join(REPO, "experiments", "results")
+WIKI = "wikitext-2-raw/wiki.test.raw"
+CALIBRATION = {"gutenberg": "gutenberg/pride_and_prejudice.txt", "wiki-tail": WIKI + "@640000:"}
+# ../shared/reference/gptq-smollm2.md: (recipe fields, calibration) -> reference perplexity
+REFERENCE = [
+    (None, None, 30.03),
+    (dict(nearest=True, wbits=4, groupsize=128), None, 40.61),
+    (dict(wbits=4, groupsize=128), "gutenberg", 43.68),
+    (dict(nearest=True, wbits=3, groupsize=128), None, 151.16),
+    (dict(wbits=3, groupsize=128), "gutenberg", 143.92),
+    (dict(nearest=True, wbits=4, groupsize=-1), None, 53.78),
+    (dict(wbits=4, groupsize=-1), "gutenberg", 58.45),
+    (dict(wbits=4, groupsize=-1), "wiki-tail", 49.91),
+    (dict(wbits=4, groupsize=128), "wiki-tail", 39.51),
+    (dict(wbits=3, groupsize=128), "wiki-tail", 98.25),
+    (dict(nearest=True, wbits=8, groupsize=-1), None, 30.03),
+]
+BEYOND = [  # improvements, each against its reference row
+    (dict(wbits=4, groupsize=128, act_order=True), "wiki-tail"),
+    (dict(wbits=3, groupsize=128, act_order=True), "wiki-tail"),
+    (dict(wbits=4, groupsize=128, mse=True), "wiki-tail"),
+    (dict(wbits=3, groupsize=128, mse=True), "wiki-tail"),
+    (dict(nearest=True, wbits=3, groupsize=128, mse=True), None),
+    (dict(wbits=4, groupsize=128, nsamples=256), "wiki-tail"),
+    (dict(wbits=3, groupsize=128, nsamples=256), "wiki-tail"),
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    recipe: QuantRecipe | None  # None = FP32
+    calibration: str | None  # key of CALIBRATION (GPTQ only)
+    windows: int
+    seqlen: int = 512
+
+    @property
+    def key(self) -> str:
+        blob = json.dumps([dataclasses.asdict(self.recipe) if self.recipe else None, self.calibration,
+                           self.windows, self.seqlen], sort_keys=True)
+        return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+    def label(self) -> str:
+        return "FP32" if self.recipe is None else self.recipe.describe()
+
+
+def bits_per_weight(recipe: QuantRecipe | None, n_in: int, n_out: int) -> float:
+    """Stored bits per weight of one linear in AutoGPTQ's format (float16 scales, packed zeros, g_idx)."""
+    if recipe is None:
+        return 32.0
+    groups = 1 if recipe.groupsize == -1 else -(-n_in // recipe.groupsize)
+    return recipe.wbits + groups * (16 + recipe.wbits) / n_in + 32 / n_out
+
+
+def model_bpw(recipe: QuantRecipe | None, config) -> float:
+    """Parameter-weighted bits per weight over the quantized linears of every block."""
+    d, h, kv = config.dim, config.hidden_dim, config.kv_heads * config.head_dim
+    shapes = [(d, d), (d, kv), (d, kv), (d, d), (d, h), (d, h), (h, d)]
+    total = sum(i * o for i, o in shapes)
+    return sum(bits_per_weight(recipe, i, o) * i * o for i, o in shapes) / total
+
+
+def run_cell(cell: Cell, model_name: str = "smollm2-135m") -> dict:
+    import pyllama_jax as pj
+
+    model = pj.load(model_name)
+    ids = corpus_ids(model.tokenizer, os.path.join(data_dir(), WIKI))
+    windows = eval_windows(ids, cell.seqlen, cell.windows)
+    start = time.perf_counter()
+    if cell.recipe is not None and cell.recipe.nearest:
+        quantize_rtn(model.module, cell.recipe.spec)
+    elif cell.recipe is not None:
+        calib_ids = corpus_ids(model.tokenizer, os.path.join(data_dir(), CALIBRATION[cell.calibration]))
+        calib = calibration_windows(calib_ids, cell.recipe.nsamples, cell.seqlen, cell.recipe.seed)
+        resume = os.path.join(REPO, "artifacts", "ablation", cell.key)
+        quantize_gptq(model.module, calib, cell.recipe.spec, cell.recipe.gptq, CalibrationConfig(8, resume))
+    quant_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    nlls = window_nlls(model.module, windows, batch_size=8)
+    return {"label": cell.label(), "calibration": cell.calibration, "windows": int(len(nlls)),
+            "seqlen": cell.seqlen, "recipe": dataclasses.asdict(cell.recipe) if cell.recipe else None,
+            "perplexity": float(np.exp(nlls.mean())), "window_nlls": nlls.tolist(),
+            "bits_per_weight": model_bpw(cell.recipe, model.config),
+            "quant_seconds": quant_seconds, "eval_seconds": time.perf_counter() - start}
+
+
+def cells_for(grid: str, windows: int, nsamples: int) -> list[Cell]:
+    def cell(fields, calib):
+        if fields is None:
+            return Cell(None, None, windows)
+        fields = {"nsamples": nsamples, "seqlen": 512, **fields}
+        return Cell(QuantRecipe(**fields), None if fields.get("nearest") else calib, windows)
+
+    if grid == "reference":
+        return [cell(f, c) for f, c, _ in REFERENCE]
+    if grid == "beyond":
+        return [cell(f, c) for f, c in BEYOND]
+    sweep = [cell(None, None)]
+    for bits in (2, 3, 4, 8):
+        for gs in (32, 128, -1):
+            sweep.append(cell(dict(nearest=True, wbits=bits, groupsize=gs), None))
+            for act in (False, True):
+                sweep.append(cell(dict(wbits=bits, groupsize=gs, act_order=act), "wiki-tail"))
+    return sweep
+
+
+def _write(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def report() -> None:
+    """Rebuild reference.md, sweep.md, ablation.csv and ablation.png from the finished cells."""
+    folder = os.path.join(RESULTS, "cells")
+    rows = [json.load(open(os.path.join(folder, f))) for f in sorted(os.listdir(folder)) if f.endswith(".json")]
+    _write_reference(rows)
+    fields = ["label", "calibration", "nsamples", "windows", "perplexity", "bits_per_weight", "quant_seconds",
+              "eval_seconds"]
+    tmp = os.path.join(RESULTS, "ablation.csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(fields)
+        for r in sorted(rows, key=lambda r: (r["windows"], r["bits_per_weight"], r["label"])):
+            w.writerow([r["label"], r["calibration"] or "-", (r["recipe"] or {}).get("nsamples", "-") if r["calibration"] else "-",
+                        r["windows"], f"{r['perplexity']:.4f}", f"{r['bits_per_weight']:.4f}",
+                        f"{r['quant_seconds']:.1f}", f"{r['eval_seconds']:.1f}"])
+    os.replace(tmp, os.path.join(RESULTS, "ablation.csv"))
+    _plot(rows)
+
+
+def _find(rows, fields, calib, windows):
+    for r in rows:
+        rec = r["recipe"]
+        if r["windows"] != windows or r["calibration"] != calib or (rec is None) != (fields is None):
+            continue
+        if rec is None or all(rec.get(k) == v for k, v in {"nsamples": 128, "act_order": False, "mse": False,
+                                                            "nearest": False, **fields}.items()):
+            return r
+    return None
+
+
+def _write_reference(rows) -> None:
+    lines = ["# SmolLM2-135M-Instruct on WikiText-2 (first 128 windows of 512): ours vs the reference", "",
+             "Reference: `../shared/reference/gptq-smollm2.md` (IST-DASLab GPTQ in PyTorch). Ours: "
+             "`experiments/ablation.py --grid=reference`, 128 calibration windows of 512, seed 0.", "",
+             "| setting | calibration | reference | ours | difference | our quantization time |",
+             "|---|---|---|---|---|---|"]
+    for fields, calib, ref in REFERENCE:
+        r = _find(rows, fields, calib, 128)
+        label = "FP32" if fields is None else QuantRecipe(**fields).describe()
+        if r is None:
+            lines.append(f"| {label} | {calib or '-'} | {ref:.2f} | not run | | |")
+            continue
+        qt = f"{r['quant_seconds']:.0f} s" if fields else "-"
+        lines.append(f"| {label} | {calib or '-'} | {ref:.2f} | {r['perplexity']:.2f} | "
+                     f"{100 * (r['perplexity'] / ref - 1):+.2f}% | {qt} |")
+    lines += ["", "## Beyond the reference (same protocol)", "",
+              "| setting | calibration | calibration samples | perplexity | its reference-protocol row (ours) |",
+              "|---|---|---|---|---|"]
+    for fields, calib in BEYOND:
+        r = _find(rows, fields, calib, 128)
+        base_fields = {k: v for k, v in fields.items() if k not in ("act_order", "mse", "nsamples")}
+        base = _find(rows, base_fields, calib, 128)
+        if r is None:
+            continue
+        lines.append(f"| {QuantRecipe(**fields).describe()} | {calib or '-'} | {fields.get('nsamples', 128) if calib else '-'} | "
+                     f"{r['perplexity']:.2f} | {base['perplexity']:.2f} |" if base else " |")
+    _write(os.path.join(RESULTS, "reference.md"), "\n".join(lines) + "\n")
+
+
+def _plot(rows) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for windows in sorted({r["windows"] for r in rows}):
+        sel = [r for r in rows if r["windows"] == windows and r["recipe"] is not None]
+        for name, pick, marker in (("RTN", lambda r: r["recipe"]["nearest"], "o"),
+                                   ("GPTQ", lambda r: not r["recipe"]["nearest"] and not r["recipe"]["act_order"], "s"),
+                                   ("GPTQ act-order", lambda r: r["recipe"]["act_order"], "^")):
+            pts = sorted((r["bits_per_weight"], r["perplexity"]) for r in sel if pick(r))
+            if pts:
+                ax.scatter(*zip(*pts), marker=marker, label=f"{name} ({windows} windows)")
+    ax.set_xlabel("bits per weight (incl. fp16 scales, packed zeros, g_idx)")
+    ax.set_ylabel("WikiText-2 perplexity")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(RESULTS, "ablation.png.tmp.png"), dpi=120)
+    os.replace(os.path.join(RESULTS, "ablation.png.tmp.png"), os.path.join(RESULTS, "ablation.png"))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--grid", choices=["reference", "beyond", "sweep"], default="reference")
+    p.add_argument("--windows", type=int, default=128, help="evaluation windows of 512 tokens")
+    p.add_argument("--nsamples", type=int, default=128, help="GPTQ calibration windows of 512 tokens")
+    p.add_argument("--only", type=int, nargs="*", help="indices of the grid's cells to run, in this order")
+    p.add_argument("--report", action="store_true", help="only rebuild the tables and plot")
+    args = p.parse_args()
+    os.makedirs(os.path.join(RESULTS, "cells"), exist_ok=True)
+    if not args.report:
+        cells = cells_for(args.grid, args.windows, args.nsamples)
+        for i in args.only if args.only is not None else range(len(cells)):
+            cell = cells[i]
+            path = os.path.join(RESULTS, "cells", f"{cell.key}.json")
+            if os.path.exists(path):
+                continue
+            print(f"[{i + 1}/{len(cells)}] {cell.label()} {cell.calibration or ''}", flush=True)
+            result = run_cell(cell)
+            print(f"    perplexity {result['perplexity']:.3f} (quantize {result['quant_seconds']:.0f} s, "
+                  f"eval {result['eval_seconds']:.0f} s)", flush=True)
+            _write(path, json.dumps(result, indent=1))
+            report()
+    report()
+
+
+if __name__ == "__main__":
+    main()
