@@ -4,6 +4,8 @@ Each section belongs to one part of the project; a field's comment says what it 
 """
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 
@@ -100,6 +102,19 @@ def serve_config() -> ml_collections.ConfigDict:
     s.max_queue = 64  # requests waiting for a slot before new ones get HTTP 503
     s.prefill_chunk = 64  # prompt tokens read per step (interleaved with decode steps)
     return s
+
+
+def alpaca_config() -> ml_collections.ConfigDict:
+    """LoRA fine-tuning of the default model on Stanford Alpaca's 175 seed tasks (from
+    `$PYLLAMA_DATA_DIR`, default `<repo>/../shared/data`), sized for a CPU."""
+    from pyllama_jax.data.text import data_dir
+
+    c = base_config()
+    c.data.path = os.path.join(data_dir(), "alpaca", "seed_tasks.jsonl")
+    c.data.seq_len = 256
+    c.train.workdir = "runs/alpaca_lora"
+    c.train.lr = 1e-4
+    return c
 
 
 def meta_llama_config(folder: str) -> ml_collections.ConfigDict:

@@ -23,7 +23,7 @@ def byte_tokenizer() -> tok.Tokenizer:
 
 
 def random_model(name: str, seed: int = 0, **changes) -> Model:
-    """`random:<preset>`: the preset (its vocabulary sized to the byte tokenizer) with random weights."""
+    """`random:<preset>` with random weights; its vocabulary defaults to the byte tokenizer's."""
     tokenizer = byte_tokenizer()
-    config = preset(name.removeprefix(PREFIX), vocab_size=tokenizer.vocab_size, **changes)
+    config = preset(name.removeprefix(PREFIX), **{"vocab_size": tokenizer.vocab_size, **changes})
     return Model(init_model(config, seed), tokenizer, name)

@@ -1,0 +1,104 @@
+"""The fine-tuning job behind `scripts/finetune.py`: model, data, trainer, loop and export from one config."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import ml_collections
+from jax.sharding import Mesh
+
+import pyllama_jax as pj
+from pyllama_jax.convert import hf, meta, native
+from pyllama_jax.data import alpaca
+from pyllama_jax.model.params import named_tensors
+from pyllama_jax.quant.qlinear import quantized_linears
+from pyllama_jax.quant.recipe import QuantRecipe, quantize
+from pyllama_jax.sharding import mesh as mesh_lib
+from pyllama_jax.sharding import place
+from pyllama_jax.train import lora, tiny
+from pyllama_jax.train.loop import LoopConfig, fit
+from pyllama_jax.train.trainer import OptimConfig, Trainer
+
+EXPORTERS = {"native": native.save, "hf": hf.save, "meta": meta.save}
+# Fields that may change between a run and its resumption (they do not change what is trained).
+RESUMABLE_FIELDS = ("workdir", "save_every", "keep", "eval_every", "sample_every", "samples", "sample_tokens",
+                    "export_format", "export_path")
+
+
+def load_model(c: ml_collections.ConfigDict, mesh: Mesh | None) -> pj.Model:
+    """The configured model on `mesh`, quantized first when `quant.wbits > 0` (QLoRA's frozen base):
+    any checkpoint `pj.load` reads, or `random:<preset>` for experiments."""
+    if c.model.startswith(tiny.PREFIX):
+        loaded = tiny.random_model(c.model, c.train.seed, dtype=c.dtype, param_dtype=c.param_dtype)
+    else:
+        loaded = pj.load(c.model, dtype=c.dtype, param_dtype=c.param_dtype, mesh=mesh)
+    if c.quant.wbits and not quantized_linears(loaded.module):
+        if not c.train.lora:
+            raise ValueError(f"quant.wbits={c.quant.wbits} with train.lora=False: a quantized base cannot be "
+                             "fully fine-tuned; set train.lora=True (QLoRA) or quant.wbits=0")
+        fields = {f.name: c.quant[f.name] for f in dataclasses.fields(QuantRecipe) if f.name in c.quant}
+        loaded = quantize(loaded, QuantRecipe(**fields))
+    return loaded
+
+
+def run_config(c: ml_collections.ConfigDict) -> dict[str, Any]:
+    """What a checkpoint must have been trained with to be resumed under `c`."""
+    d = c.to_dict()
+    keep = ("model", "dtype", "param_dtype", "quant", "data", "train", "mesh")
+    out = {k: d[k] for k in keep if k in d}
+    out["train"] = {k: v for k, v in out["train"].items() if k not in RESUMABLE_FIELDS}
+    return _jsonable(out)
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def optim_config(t: ml_collections.ConfigDict) -> OptimConfig:
+    return OptimConfig(steps=t.steps, lr=t.lr, warmup_steps=t.warmup_steps, end_lr_ratio=t.end_lr_ratio,
+                       weight_decay=t.weight_decay, clip_norm=t.clip_norm, grad_accum=t.grad_accum, seed=t.seed)
+
+
+def loop_config(t: ml_collections.ConfigDict, template: str) -> LoopConfig:
+    return LoopConfig(workdir=t.workdir, steps=t.steps, batch_size=t.batch_size, seed=t.seed,
+                      save_every=t.save_every, keep=t.keep, eval_every=t.eval_every, sample_every=t.sample_every,
+                      samples=t.samples, sample_tokens=t.sample_tokens, template=template)
+
+
+def export(model: pj.Model, fmt: str, out: str) -> str:
+    """Merge LoRA adapters into the weights (in place) and save as a native, HF or Meta checkpoint."""
+    if fmt not in EXPORTERS:
+        raise ValueError(f"train.export_format={fmt!r}; expected one of {sorted(EXPORTERS)} (or '' for none)")
+    merged = lora.merge_lora(model.module)
+    EXPORTERS[fmt](out, merged.config, named_tensors(merged), model.tokenizer, overwrite=True)
+    return out
+
+
+def finetune(c: ml_collections.ConfigDict) -> pj.Model:
+    """Run the configured fine-tuning job; returns the trained model (adapters still separate)."""
+    if not c.data.path:
+        raise ValueError("data.path is empty: point it at an Alpaca JSON/JSONL file or a `datasets` name")
+    mesh = mesh_lib.from_config(c.mesh)
+    loaded = load_model(c, mesh)
+    model, t, d = loaded.module, c.train, c.data
+    if t.lora:
+        lora.apply_lora(model, t.lora_targets, t.lora_rank, t.lora_alpha, t.lora_dropout, t.seed)
+    if mesh is not None:
+        model = place.shard(model, mesh)
+    data = alpaca.prepare(d.path, loaded.tokenizer, seq_len=d.seq_len, template=d.template, pack=d.pack,
+                          eval_size=d.eval_size, seed=t.seed, overlong=d.overlong, on_error=d.on_error)
+    print(f"data: {len(data.train)} training rows of {d.seq_len} tokens from {data.train_stats.examples} "
+          f"examples ({data.train_stats.truncated} truncated, {data.train_stats.dropped} dropped), "
+          f"{data.held_out_stats.examples} held out", flush=True)
+    trainer = Trainer(model, optim_config(t), lora=t.lora, mesh=mesh)
+    fit(trainer, data, loaded.tokenizer, loop_config(t, d.template), run_config(c))
+    trained = pj.Model(trainer.model(), loaded.tokenizer, loaded.source, mesh=mesh)
+    if t.export_format:
+        out = export(trained, t.export_format, t.export_path or os.path.join(t.workdir, "export"))
+        print(f"exported {t.export_format} checkpoint to {out}", flush=True)
+    return trained
