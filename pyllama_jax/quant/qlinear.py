@@ -1,8 +1,8 @@
 """The quantized linear layer, its matmul dispatch, and swapping it into a model.
 
 `qmatmul(x, qw, kernel)` is the one entry point for `x @ W` with a packed `QuantWeight`:
-"xla" dequantizes then multiplies (the reference); other kernels (Pallas) register themselves in
-`KERNELS` from `pyllama_jax/quant/kernels/`.
+"xla" dequantizes then multiplies (the reference); "pallas" runs the kernel of
+`pyllama_jax/quant/kernels/dequant_matmul.py` where it applies (GPU, supported shapes).
 """
 from __future__ import annotations
 
@@ -21,7 +21,13 @@ def _xla_qmatmul(x: jax.Array, qw: QuantWeight) -> jax.Array:
     return jnp.dot(x, dequantize(qw, x.dtype))
 
 
-KERNELS: dict[str, Callable[[jax.Array, QuantWeight], jax.Array]] = {"xla": _xla_qmatmul}
+def _pallas_qmatmul(x: jax.Array, qw: QuantWeight) -> jax.Array:
+    from pyllama_jax.quant.kernels import dequant_matmul  # Pallas is imported only when chosen
+
+    return dequant_matmul.qmatmul(x, qw, _xla_qmatmul)  # warns and falls back where it cannot run
+
+
+KERNELS: dict[str, Callable[[jax.Array, QuantWeight], jax.Array]] = {"xla": _xla_qmatmul, "pallas": _pallas_qmatmul}
 
 
 def qmatmul(x: jax.Array, qw: QuantWeight, kernel: str = "xla") -> jax.Array:

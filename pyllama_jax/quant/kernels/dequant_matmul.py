@@ -121,29 +121,32 @@ def _largest_block_k(k: int, per: int, max_rows: int, min_rows: int) -> int | No
 
 
 def default_config(m: int, k: int, n: int, bits: int) -> TileConfig | None:
-    """A tiling for `[m, k] @ [k, n]` (None if none fits): GEMV up to 8 rows, dot above.
+    """A tiling for `[m, k] @ [k, n]` (None if none fits).
 
-    Split-K raises the program count to about two per streaming multiprocessor.
+    GEMV up to 8 rows, tensor-core dots above; where no dot tile divides K (3 bits) batches up to
+    64 rows take GEMV tiles of 8 rows (reading the weight once per tile). Split-K raises the
+    program count to about two per streaming multiprocessor.
     """
     per = period(bits)[0]
     block_n = next((b for b in (128, 64, 32) if n % b == 0 and (m > 64 or b <= 64)), None)
     if block_n is None:
         return None
-    if m <= GEMV_MAX_M:
-        block_m = _next_pow2(m)
-        block_k = _largest_block_k(k, per, max(1, GEMV_ACC // (block_m * block_n)), 1)
-        warps, stages = 4, 3
-    else:
+    block_k = None
+    if m > GEMV_MAX_M:
         block_m = max(MIN_DOT, min(_next_pow2(m), 64 if m <= 64 else 128))
         block_k = _largest_block_k(k, per, max(MIN_DOT, 256 // per), MIN_DOT)
-        warps, stages = (8, 3) if block_m * block_n >= 128 * 128 else (4, 3)
+        warps = 8 if block_m * block_n >= 128 * 128 else 4
+    if block_k is None and m <= 64:
+        block_m = min(_next_pow2(m), GEMV_MAX_M)
+        block_k = _largest_block_k(k, per, max(1, GEMV_ACC // (block_m * block_n)), 1)
+        warps = 4
     if block_k is None:
         return None
     programs = -(-m // block_m) * (n // block_n)
     tiles = k // block_k
     split = max(1, min(tiles, round(2 * _num_cores() / programs)))
     split = -(-tiles // -(-tiles // split))  # no empty programs
-    return TileConfig(block_m, block_n, block_k, split, warps, stages)
+    return TileConfig(block_m, block_n, block_k, split, warps, 3)
 
 
 def _default_interpret() -> bool:
@@ -169,7 +172,7 @@ def supports(qw: QuantWeight, x_shape: tuple[int, ...], *, config: TileConfig | 
     config = config or default_config(m, k, n, qw.bits)
     if config is None:
         return (f"no tiling of [{m}, {k}] @ [{k}, {n}] at {qw.bits} bits (out_features must be a multiple "
-                f"of 32, in_features a multiple of {period(qw.bits)[0] * (1 if m <= GEMV_MAX_M else MIN_DOT)})")
+                f"of 32, in_features a multiple of {period(qw.bits)[0] * (1 if m <= 64 else MIN_DOT)})")
     return check_config(config, m, k, n, qw.bits)
 
 
