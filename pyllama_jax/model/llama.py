@@ -92,7 +92,7 @@ class Attention(nnx.Module):
         v = self.v(x).reshape(b, t, self.kv_heads, self.head_dim)
         if kv is not None:
             kv = (kv_cache.write(kv[0], k, positions), kv_cache.write(kv[1], v, positions))
-            k, v = kv
+            k, v = kv[0][:b, :mask.shape[-1]], kv[1][:b, :mask.shape[-1]]  # see Llama's kv_window
         groups = self.n_heads // self.kv_heads
         q = q.reshape(b, t, self.kv_heads, groups, self.head_dim)
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
@@ -171,11 +171,14 @@ class Llama(nnx.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                  cache: KVCache | None = None, attention_mask: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None):
+                 segment_ids: jax.Array | None = None, kv_window: int | None = None):
         """Logits `[b, t, vocab]` (float32) and the updated cache.
 
         Without a cache, `attention_mask[b, t]` (1 = real token) handles left or right padding:
-        positions count real tokens only. With a cache, `positions[b, t]` are the cache slots.
+        positions count real tokens only. With a cache, `positions[b, t]` are the cache slots;
+        the cache may have more rows than `b` (only its first `b` are used), and `kv_window`
+        limits attention to its first `kv_window` slots (continuous batching: a step over the
+        active rows and the filled part of a larger cache, without copying it).
         `segment_ids[b, t]` (packed sequences; 0 = padding) keeps attention within each segment
         and restarts positions per segment.
         """
@@ -188,7 +191,7 @@ class Llama(nnx.Module):
             else:
                 positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
         if cache is not None:
-            mask = causal_mask(positions, cache.length)
+            mask = causal_mask(positions, kv_window or cache.length)
         else:
             mask = causal_mask(positions, None, None if attention_mask is None else attention_mask > 0,
                                segment_ids)

@@ -1,9 +1,9 @@
 """Continuous batching: requests join and leave a fixed set of decode slots at token boundaries.
 
 Each slot is one row of a shared `KVCache`. A new request is prefilled into its row in chunks of
-`prefill_chunk` tokens (one chunk between decode steps, so running requests keep streaming); then
-one jitted step decodes every active slot at its own position, with its own temperature, top-k,
-top-p and random stream (`fold_in(key(seed), token_index)`, so a seeded request gives the same text
+`prefill_chunk` tokens (one chunk per slot between decode steps, so running requests keep
+streaming); then one jitted step decodes every active slot at its own position, with its own
+temperature, top-k, top-p and random stream (`fold_in(key(seed), token_index)`, so a seeded request gives the same text
 whatever else is running). A step runs on the smallest block of rows and cache positions that holds
 every active slot, both rounded up to powers of two: one user does not pay for idle slots or unused
 context, and a session compiles a handful of programs, all fixed by the slot count and context.
@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import queue
 import threading
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -92,7 +92,7 @@ class Engine:
         self._graphdef, self._state = nnx.split(model)
         self._cache = KVCache.create(self.config, slots, self.context)
         self._prefill = jax.jit(self._prefill_fn, static_argnames=("window",), donate_argnames=("cache",))
-        self._decode = jax.jit(self._decode_fn, static_argnames=("rows", "window"), donate_argnames=("cache",))
+        self._decode = jax.jit(self._decode_fn, static_argnames=("window",), donate_argnames=("cache",))
         self._rows: list[_Slot | None] = [None] * slots
         self._waiting: collections.deque[Request] = collections.deque()
         self._cv = threading.Condition()
@@ -109,24 +109,20 @@ class Engine:
     # ---- jitted programs -------------------------------------------------------------------------
 
     @staticmethod
-    def _window(cache: KVCache, rows: int | jax.Array, window: int, slot: jax.Array | None = None) -> KVCache:
-        """The first `window` positions of rows `[:rows]`, or of the one row `slot`."""
-        if slot is None:
-            take = lambda a: a[:rows, :window]
-        else:
-            take = lambda a: jax.lax.dynamic_slice_in_dim(a[:, :window], slot, 1, axis=0)
+    def _row(cache: KVCache, slot: jax.Array, window: int) -> KVCache:
+        """Row `slot`'s first `window` positions, as a one-row cache."""
+        take = lambda a: jax.lax.dynamic_slice_in_dim(a[:, :window], slot, 1, axis=0)
         return KVCache([take(k) for k in cache.k], [take(v) for v in cache.v])
 
     @staticmethod
-    def _write_back(cache: KVCache, part: KVCache, rows: jax.Array, positions: jax.Array) -> KVCache:
-        """Copy what a step wrote into `part` (row b, `positions[b, t]`) to cache rows `rows[b]`.
+    def _write_row(cache: KVCache, row: KVCache, slot: jax.Array, positions: jax.Array) -> KVCache:
+        """Copy the entries a prefill wrote into `row` (at `positions[0, t]`) back to row `slot`.
 
         Only the new entries move (positions past the cache are dropped): writing the whole window
-        back makes XLA copy the entire cache on every step.
+        back makes XLA copy the entire cache.
         """
-        b = jnp.arange(positions.shape[0])[:, None]
-        put = lambda big, small: big.at[rows[:, None], positions].set(small[b, positions], mode="drop")
-        return KVCache([put(a, w) for a, w in zip(cache.k, part.k)], [put(a, w) for a, w in zip(cache.v, part.v)])
+        put = lambda big, small: big.at[slot, positions[0]].set(small[0, positions[0]], mode="drop")
+        return KVCache([put(a, w) for a, w in zip(cache.k, row.k)], [put(a, w) for a, w in zip(cache.v, row.v)])
 
     @staticmethod
     def _sample(logits, seeds, steps, temperature, top_k, top_p):
@@ -142,18 +138,17 @@ class Engine:
         """Run `tokens[1, chunk]` at positions `start...` through row `slot`; sample from index `last`."""
         model = nnx.merge(self._graphdef, state)
         positions = start + jnp.arange(tokens.shape[1])[None]
-        logits, part = model(tokens, positions, self._window(cache, 1, window, slot))
+        logits, row = model(tokens, positions, self._row(cache, slot, window))
         nxt = self._sample(logits[:, last], seed[None], jnp.zeros(1, jnp.int32), temperature[None],
                            top_k[None], top_p[None])
-        return nxt[0], self._write_back(cache, part, slot[None], positions)
+        return nxt[0], self._write_row(cache, row, slot, positions)
 
-    def _decode_fn(self, state, cache, tokens, positions, seeds, steps, temperature, top_k, top_p, *,
-                   rows, window):
-        """One token for each of the first `rows` slots (a slot at position >= context writes nothing)."""
+    def _decode_fn(self, state, cache, tokens, positions, seeds, steps, temperature, top_k, top_p, *, window):
+        """One token for each of the first `len(tokens)` slots, attending over the first `window`
+        positions (a slot at position >= context writes nothing)."""
         model = nnx.merge(self._graphdef, state)
-        logits, part = model(tokens[:, None], positions[:, None], self._window(cache, rows, window))
-        nxt = self._sample(logits[:, 0], seeds, steps, temperature, top_k, top_p)
-        return nxt, self._write_back(cache, part, jnp.arange(rows), positions[:, None])
+        logits, cache = model(tokens[:, None], positions[:, None], cache, kv_window=window)
+        return self._sample(logits[:, 0], seeds, steps, temperature, top_k, top_p), cache
 
     # ---- public API --------------------------------------------------------------------------------
 
@@ -168,13 +163,20 @@ class Engine:
         self._thread.join(timeout=30)
 
     def warmup(self) -> None:
-        """Compile the programs a short request needs (slot 0's row is free, so its contents may go)."""
+        """Compile what short requests need: the first prefill window, and the decode step for every
+        row count (1, 2, 4, ..., slots). Longer contexts compile their window on first use."""
         z = jnp.zeros((), jnp.int32)
         _, self._cache = self._prefill(self._state, self._cache, z, jnp.zeros((1, self.prefill_chunk), jnp.int32),
                                        z, z, jnp.zeros((), jnp.uint32), jnp.zeros(()), z, jnp.ones(()),
                                        window=self._prefill_window(0))
-        nxt, self._cache = self._decode(self._state, self._cache, *self._decode_inputs(1), rows=1,
-                                        window=_pow2(1, MIN_WINDOW, self.context))
+        self._positions[:] = self.context  # idle rows: nothing is written
+        rows = 1
+        while True:
+            nxt, self._cache = self._decode(self._state, self._cache, *self._decode_inputs(rows),
+                                            window=_pow2(1, MIN_WINDOW, self.context))
+            if rows == self.slots:
+                break
+            rows = min(2 * rows, self.slots)
         nxt.block_until_ready()
 
     def check(self, prompt_tokens: int, max_tokens: int) -> None:
@@ -215,10 +217,13 @@ class Engine:
             return {"slots": self.slots, "active": self.slots - self._rows.count(None),
                     "queued": len(self._waiting), "context": self.context}
 
-    def stream(self, request_kwargs: dict) -> Iterator[Event]:
-        """Submit one request from a plain thread and iterate over its events (closing cancels it)."""
+    def stream(self, prompt: list[int], max_tokens: int, **knobs: Any) -> Iterator[Event]:
+        """Submit one request from a plain thread and iterate over its events (closing cancels it).
+
+        `knobs` are the other fields of `Request` (temperature, top_p, top_k, seed, stop, ignore_eos).
+        """
         events: queue.Queue[Event] = queue.Queue()
-        request = Request(on_event=events.put, **request_kwargs)
+        request = Request(prompt, max_tokens, events.put, **knobs)
         self.submit(request)
         try:
             while True:
@@ -254,9 +259,13 @@ class Engine:
         for i, s in enumerate(self._rows):
             if s is not None:
                 self._finish(i, Event("", "cancelled", s.generated))
+        while self._waiting:
+            self._notify(self._waiting.popleft(), Event("", "cancelled", 0))
 
     def _drop_cancelled(self) -> None:
-        self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
+        for r in [r for r in self._waiting if r.cancelled]:
+            self._waiting.remove(r)
+            self._notify(r, Event("", "cancelled", 0))
         for i, s in enumerate(self._rows):
             if s is not None and s.request.cancelled:
                 self._finish(i, Event("", "cancelled", s.generated))
@@ -273,24 +282,22 @@ class Engine:
         return _pow2(start + self.prefill_chunk, MIN_WINDOW, self.context)
 
     def _prefill_step(self) -> None:
-        """One prompt chunk of the longest-waiting slot that still has prompt to read."""
-        pending = [i for i, s in enumerate(self._rows) if s is not None and s.prefilled < len(s.request.prompt)]
-        if not pending:
-            return
-        i = pending[0]
-        s = self._rows[i]
-        prompt, start = s.request.prompt, s.prefilled
-        chunk = np.zeros((1, self.prefill_chunk), np.int32)
-        part = prompt[start:start + self.prefill_chunk]
-        chunk[0, :len(part)] = part
-        nxt, self._cache = self._prefill(
-            self._state, self._cache, jnp.int32(i), jnp.asarray(chunk), jnp.int32(start),
-            jnp.int32(len(part) - 1), jnp.uint32(self._seeds[i]), jnp.float32(self._temperature[i]),
-            jnp.int32(self._top_k[i]), jnp.float32(self._top_p[i]), window=self._prefill_window(start))
-        s.prefilled += len(part)
-        if s.prefilled == len(prompt):
-            self._positions[i] = len(prompt)
-            self._on_token(i, int(nxt))
+        """One prompt chunk for every slot that still has prompt to read."""
+        for i, s in enumerate(self._rows):
+            if s is None or s.prefilled == len(s.request.prompt):
+                continue
+            prompt, start = s.request.prompt, s.prefilled
+            chunk = np.zeros((1, self.prefill_chunk), np.int32)
+            part = prompt[start:start + self.prefill_chunk]
+            chunk[0, :len(part)] = part
+            nxt, self._cache = self._prefill(
+                self._state, self._cache, jnp.int32(i), jnp.asarray(chunk), jnp.int32(start),
+                jnp.int32(len(part) - 1), jnp.uint32(self._seeds[i]), jnp.float32(self._temperature[i]),
+                jnp.int32(self._top_k[i]), jnp.float32(self._top_p[i]), window=self._prefill_window(start))
+            s.prefilled += len(part)
+            if s.prefilled == len(prompt):
+                self._positions[i] = len(prompt)
+                self._on_token(i, int(nxt))
 
     def _decode_inputs(self, rows: int) -> tuple:
         steps = np.array([s.generated if s is not None else 0 for s in self._rows[:rows]], np.int32)
@@ -304,8 +311,7 @@ class Engine:
         for i in range(rows):  # rows with no decoding request sit past the cache: their writes drop
             if i not in decoding:
                 self._positions[i] = self.context
-        nxt, self._cache = self._decode(self._state, self._cache, *self._decode_inputs(rows), rows=rows,
-                                        window=window)
+        nxt, self._cache = self._decode(self._state, self._cache, *self._decode_inputs(rows), window=window)
         nxt = np.asarray(nxt)
         for i in decoding:
             self._positions[i] += 1
@@ -325,12 +331,16 @@ class Engine:
         elif s.generated >= r.max_tokens:
             self._finish(i, Event(text + s.text.flush(), "length", s.generated))
         elif text:
-            r.on_event(Event(text, None, s.generated))
+            self._notify(r, Event(text, None, s.generated))
 
     def _finish(self, i: int, event: Event) -> None:
         request = self._rows[i].request
         with self._cv:
             self._rows[i] = None
+        self._notify(request, event)
+
+    @staticmethod
+    def _notify(request: Request, event: Event) -> None:
         try:
             request.on_event(event)
         except Exception:  # a consumer that went away must not stop the engine

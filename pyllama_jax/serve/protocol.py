@@ -119,13 +119,10 @@ def parse_completion(body: Any, max_n: int) -> tuple[list[str | list[int]], Para
     """Prompts (texts or token id lists) and parameters of a `/v1/completions` body."""
     body = _check_fields(body, _COMPLETIONS, "prompt")
     prompt = body["prompt"]
-    if isinstance(prompt, str):
+    ids = lambda p: isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+    if isinstance(prompt, str) or ids(prompt):
         prompts: list = [prompt]
-    elif prompt and all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
-        prompts = [prompt]
-    elif prompt and all(isinstance(p, str) for p in prompt) or all(
-            isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
-            for p in prompt):
+    elif prompt and (all(isinstance(p, str) for p in prompt) or all(ids(p) for p in prompt)):
         prompts = list(prompt)
     else:
         raise APIError(400, "'prompt' must be a string, a list of strings, a list of token ids or a list of "
