@@ -6,7 +6,7 @@ Re-running the same command resumes from the last checkpoint in `train.workdir`.
 """
 from __future__ import annotations
 
-from absl import app
+from absl import app, logging
 from ml_collections import config_flags
 
 from pyllama_jax.train.run import finetune
@@ -16,6 +16,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/alpaca_lora.py", "j
 
 def main(argv: list[str]) -> None:
     del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     finetune(_CONFIG.value)
 
 

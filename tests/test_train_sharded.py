@@ -37,7 +37,7 @@ def _train(model, batch, lora: bool, accum: int, mesh=None):
 
     if mesh is not None:
         model = place.shard(model, mesh)
-    trainer = Trainer(model, OptimConfig(steps=STEPS, lr=LR, warmup_steps=1, grad_accum=accum), lora=lora,
+    trainer = Trainer(model, OptimConfig(steps=STEPS, lr=LR, warmup_steps=0, grad_accum=accum), lora=lora,
                       mesh=mesh)
     losses = [float(trainer.step(batch, s)["loss"]) for s in range(STEPS)]
     return trainer, losses

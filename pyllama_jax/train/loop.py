@@ -45,12 +45,13 @@ class Samples:
     def __init__(self, trainer: Trainer, tokenizer: Tokenizer, examples: Sequence[Example], template: str,
                  max_new_tokens: int, path: str):
         self.trainer, self.path = trainer, path
-        limit = trainer.model().config.max_seq_len - max_new_tokens  # prompts that fit the context
+        model = trainer.model()
+        limit = model.config.max_seq_len - max_new_tokens  # prompts that fit the context
         fits = [(e, p) for e in examples for p in [prompt_text(e, tokenizer, template)]
                 if len(tokenizer.encode(p)) <= limit]
         self.examples, self.prompts = [e for e, _ in fits], [p for _, p in fits]
         self.sampling = SamplingConfig(max_new_tokens=max_new_tokens)
-        self.generator = Generator(trainer.model(), tokenizer, trainer.mesh) if self.examples else None
+        self.generator = Generator(model, tokenizer, trainer.mesh) if self.examples else None
 
     def generate(self) -> list[str]:
         if self.generator is None:
@@ -75,8 +76,8 @@ def _due(step: int, every: int, last: int) -> bool:
     return step == last or (every > 0 and step % every == 0)
 
 
-def fit(trainer: Trainer, data: Dataset, tokenizer: Tokenizer | None, c: LoopConfig, run_config: dict) -> int:
-    """Train to `c.steps`, resuming from `c.workdir`'s last checkpoint; returns the step reached."""
+def fit(trainer: Trainer, data: Dataset, tokenizer: Tokenizer | None, c: LoopConfig, run_config: dict) -> None:
+    """Train to `c.steps`, resuming from `c.workdir`'s last checkpoint (`run_config` must match it)."""
     os.makedirs(c.workdir, exist_ok=True)
     ckpt = Checkpointer(os.path.join(c.workdir, "checkpoints"), c.save_every, c.keep, run_config)
     start = 0
@@ -119,4 +120,3 @@ def fit(trainer: Trainer, data: Dataset, tokenizer: Tokenizer | None, c: LoopCon
     log.close()
     ckpt.close()
     plot_losses(log.path, os.path.join(c.workdir, "loss.png"), os.path.basename(os.path.normpath(c.workdir)))
-    return max(start, c.steps)

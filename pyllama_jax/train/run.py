@@ -33,10 +33,11 @@ def load_model(c: ml_collections.ConfigDict, mesh: Mesh | None) -> pj.Model:
         loaded = tiny.random_model(c.model, c.train.seed, dtype=c.dtype, param_dtype=c.param_dtype)
     else:
         loaded = pj.load(c.model, dtype=c.dtype, param_dtype=c.param_dtype, mesh=mesh)
-    if c.quant.wbits and not quantized_linears(loaded.module):
-        if not c.train.lora:
-            raise ValueError(f"quant.wbits={c.quant.wbits} with train.lora=False: a quantized base cannot be "
-                             "fully fine-tuned; set train.lora=True (QLoRA) or quant.wbits=0")
+    quantized = bool(quantized_linears(loaded.module))
+    if not c.train.lora and (c.quant.wbits or quantized):
+        raise ValueError(f"{loaded.source}: packed quantized weights cannot be fully fine-tuned "
+                         f"(quant.wbits={c.quant.wbits}); set train.lora=True (QLoRA) or quant.wbits=0")
+    if c.quant.wbits and not quantized:
         fields = {f.name: c.quant[f.name] for f in dataclasses.fields(QuantRecipe) if f.name in c.quant}
         loaded = quantize(loaded, QuantRecipe(**fields))
     return loaded

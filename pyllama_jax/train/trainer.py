@@ -35,8 +35,8 @@ class OptimConfig:
     warmup_steps: int = 20  # linear warmup from 0 to `lr`
     end_lr_ratio: float = 0.1  # cosine decays to lr * end_lr_ratio at `steps`
     weight_decay: float = 0.0  # AdamW decay of matrices (never of norms)
-    b1: float = 0.9
-    b2: float = 0.999
+    b1: float = 0.9  # Adam first-moment decay
+    b2: float = 0.999  # Adam second-moment decay
     clip_norm: float = 1.0  # global gradient-norm clip; 0 = off
     grad_accum: int = 1  # micro-batches per optimizer step
     seed: int = 0  # dropout RNG seed
