@@ -23,6 +23,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_DEVICES = 8
 MESHES = [(1, 1, 8), (1, 2, 4), (2, 1, 4), (8, 1, 1)]
 CONFIG = preset("tiny", n_heads=8, n_kv_heads=8)  # heads, kv_heads, mlp, vocab all divide by 8
+# 4-bit, groupsize 16: every row-parallel input (128, 256) splits 8 ways at group and word boundaries
+QCONFIG = preset("tiny", dim=128, n_heads=8, n_kv_heads=8, hidden_dim=256, n_layers=1)
 RTOL = 1e-5
 
 
@@ -88,10 +90,69 @@ def test_mesh_must_divide_heads_and_kv_heads():
     rules.check_model(CONFIG, {"data": 2, "fsdp": 2, "tensor": 8})  # all divide
 
 
+def _abstract_quantized(config, bits: int, groupsize: int):
+    """The shapes of `config`'s model with every block linear packed to `bits` (no memory)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from pyllama_jax.model.llama import Llama
+    from pyllama_jax.quant.packing import QuantWeight, group_index
+    from pyllama_jax.quant.qlinear import LAYER_LINEARS, QuantLinear, get_module, set_linear
+
+    def build():
+        model = Llama(config, nnx.Rngs(0))
+        for layer in model.layers:
+            for path in LAYER_LINEARS:
+                n_in, n_out = get_module(layer, path).kernel.shape
+                groups = n_in // groupsize
+                qw = QuantWeight(jnp.zeros((n_in * bits // 32, n_out), jnp.int32), jnp.zeros((groups, n_out)),
+                                 jnp.zeros((groups, n_out * bits // 32), jnp.int32),
+                                 jnp.asarray(group_index(n_in, groupsize)), bits, groupsize, n_in)
+                set_linear(layer, path, QuantLinear(qw))
+        return model
+
+    return nnx.eval_shape(build)
+
+
+@pytest.mark.parametrize("name,preset_name", [("13b_4bit", "llama-13b"), ("65b_4bit", "llama-65b")])
+def test_shipped_configs_layouts_fit_their_models(name, preset_name):
+    """The mesh of each shipped config can split its (abstract) 4-bit model; one size up cannot."""
+    import importlib.util
+
+    from pyllama_jax.sharding import place
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    model = _abstract_quantized(preset(preset_name, n_layers=1), c.quant.wbits, c.quant.groupsize)
+    mesh_shape = {"data": c.mesh.data, "fsdp": c.mesh.fsdp, "tensor": c.mesh.tensor}
+    place.check_layout(model, mesh_shape)
+    place.check_layout(model, dict(mesh_shape, tensor=4))  # 13b: the documented --config.mesh.tensor=4
+    with pytest.raises(ValueError, match=r"layers.0.mlp.down \(4-bit, groupsize 128\): its \d+ quantization "
+                                         r"groups cannot be split 8 ways"):
+        place.check_layout(model, dict(mesh_shape, tensor=8))
+
+
+def test_quantized_groups_must_split_at_shard_boundaries():
+    from pyllama_jax.sharding import place
+
+    coarse = _abstract_quantized(QCONFIG, 4, 32)  # attn.o: 128 inputs = 4 groups of 32
+    with pytest.raises(ValueError, match=r"layers.0.attn.o \(4-bit, groupsize 32\): its 4 quantization "
+                                         r"groups cannot be split 8 ways along its 128 inputs"):
+        place.check_layout(coarse, {"data": 1, "fsdp": 1, "tensor": 8})
+    place.check_layout(coarse, {"data": 1, "fsdp": 2, "tensor": 4})  # 4 ways: one group per shard
+
+
 # ---- tests on 8 simulated devices --------------------------------------------------------------
 
 def test_dense_logits_and_generation_match_single_device():
     out = run_case("dense")
+    assert out.count("ok mesh") == len(MESHES), out
+
+
+def test_quantized_logits_and_generation_match_single_device():
+    out = run_case("quantized")
     assert out.count("ok mesh") == len(MESHES), out
 
 
@@ -116,7 +177,7 @@ def _generate(gen, prompts, max_new_tokens: int = 12) -> list[list[int]]:
     return rows
 
 
-def _check_cache_is_sharded(gen, mesh, shape: tuple[int, int, int]) -> None:
+def _check_cache_is_sharded(gen, config, mesh, shape: tuple[int, int, int]) -> None:
     """Run the generator's own prefill and decode programs (as compiled by `_generate`: batch 8,
     prompt bucket 16, cache 32) and inspect the cache they return."""
     import jax.numpy as jnp
@@ -124,13 +185,13 @@ def _check_cache_is_sharded(gen, mesh, shape: tuple[int, int, int]) -> None:
     from pyllama_jax.sharding import place
 
     b, length = 8, 32
-    cache = place.create_cache(CONFIG, b, length, mesh)
+    cache = place.create_cache(config, b, length, mesh)
     knobs = (jnp.zeros(b), jnp.zeros(b, jnp.int32), jnp.ones(b))
     tokens, lengths = jnp.ones((b, 16), jnp.int32), jnp.full((b,), 16, jnp.int32)
     nxt, cache = gen._prefill(gen.state, tokens, lengths, cache, jax.random.key(0), *knobs)
     nxt, cache = gen._decode(gen.state, cache, jnp.asarray(np.asarray(nxt)), lengths, jax.random.key(1), *knobs)
     data, fsdp, tensor = shape
-    want = (b // (data * fsdp), length, CONFIG.kv_heads // tensor, CONFIG.head_dim)
+    want = (b // (data * fsdp), length, config.kv_heads // tensor, config.head_dim)
     for arr in cache.k + cache.v:
         shards = arr.addressable_shards
         assert len(shards) == N_DEVICES
@@ -138,17 +199,14 @@ def _check_cache_is_sharded(gen, mesh, shape: tuple[int, int, int]) -> None:
         assert len({str(s.index) for s in shards}) == N_DEVICES  # every device holds a different part
 
 
-def case_dense() -> None:
+def _compare(model, config, sharded_fn, check=lambda model, shape: None) -> None:
+    """Logits and greedy generation of `sharded_fn(mesh)` against `model` on one device, per mesh."""
     from pyllama_jax.api import Model
     from pyllama_jax.generate import Generator
-    from pyllama_jax.model.llama import init_model
-    from pyllama_jax.model.params import build_model, named_tensors
-    from pyllama_jax.sharding import place
     from pyllama_jax.tokenizer import Tokenizer
 
     assert jax.device_count() == N_DEVICES
-    model = init_model(CONFIG, seed=1)
-    ids = np.random.default_rng(0).integers(0, CONFIG.vocab_size, (8, 24))
+    ids = np.random.default_rng(0).integers(0, config.vocab_size, (8, 24))
     mask = np.ones_like(ids)
     mask[1, 20:] = mask[5, 9:] = 0  # right padding in two rows
     ref_logits = np.asarray(Model(model, None).logits(ids, mask))
@@ -157,17 +215,68 @@ def case_dense() -> None:
     ref_tokens = _generate(Generator(model, no_vocab), prompts)
     for shape in MESHES:
         mesh = pm.make_mesh(*shape)
-        sharded = build_model(CONFIG, named_tensors(model), "random tiny", place.placer(CONFIG, mesh))
-        q = sharded.layers[0].attn.q.kernel[...]
-        assert q.sharding.spec == P("fsdp", "tensor") and q.addressable_shards[0].data.shape == (
-            CONFIG.dim // shape[1], CONFIG.dim // shape[2])
+        sharded = sharded_fn(mesh)
+        check(sharded, shape)
         err = rel_err(Model(sharded, None, mesh=mesh).logits(ids, mask), ref_logits)
         assert err < RTOL, (shape, err)
         gen = Generator(sharded, no_vocab, mesh)
         tokens = _generate(gen, prompts)
         assert tokens == ref_tokens, (shape, tokens, ref_tokens)
-        _check_cache_is_sharded(gen, mesh, shape)
+        _check_cache_is_sharded(gen, config, mesh, shape)
         print(f"ok mesh {shape}: logits rel err {err:.2e}, {sum(map(len, tokens))} greedy tokens equal")
+
+
+def case_dense() -> None:
+    from pyllama_jax.model.llama import init_model
+    from pyllama_jax.model.params import build_model, named_tensors
+    from pyllama_jax.sharding import place
+
+    def check(sharded, shape):
+        q = sharded.layers[0].attn.q.kernel[...]
+        assert q.sharding.spec == P("fsdp", "tensor")
+        assert q.addressable_shards[0].data.shape == (CONFIG.dim // shape[1], CONFIG.dim // shape[2])
+
+    model = init_model(CONFIG, seed=1)
+    _compare(model, CONFIG, lambda mesh: build_model(CONFIG, named_tensors(model), "random tiny",
+                                                     place.placer(CONFIG, mesh)), check)
+
+
+def case_quantized() -> None:
+    from pyllama_jax.api import Model
+    from pyllama_jax.model.llama import init_model
+    from pyllama_jax.quant.calibrate import quantize_rtn
+    from pyllama_jax.quant.rtn import QuantSpec
+    from pyllama_jax.sharding import place
+
+    c, bits, gs = QCONFIG, 4, 16
+
+    def check(sharded, shape):
+        _, fsdp, tensor = shape
+        o, q = sharded.layers[0].attn.o, sharded.layers[0].attn.q  # row- and column-parallel
+        want = {  # (array, shape of each device's part)
+            "o.qweight": (o.qweight, (c.dim * bits // 32 // tensor, c.dim // fsdp)),
+            "o.scales": (o.scales, (c.dim // gs // tensor, c.dim // fsdp)),
+            "o.qzeros": (o.qzeros, (c.dim // gs // tensor, c.dim * bits // 32 // fsdp)),
+            "o.g_idx": (o.g_idx, (c.dim // tensor,)),
+            "q.qweight": (q.qweight, (c.dim * bits // 32 // fsdp, c.dim // tensor)),
+            "q.qzeros": (q.qzeros, (c.dim // gs // fsdp, c.dim * bits // 32 // tensor)),
+        }
+        for name, (var, part) in want.items():
+            assert {s.data.shape for s in var[...].addressable_shards} == {part}, (name, shape)
+        # the jitted entry points read the same layout from the annotated logical axes
+        assert o.qweight.get_metadata()["logical_axes"] == ("heads", "embed")
+        assert q.qzeros.get_metadata()["logical_axes"] == ("embed", "heads")
+
+    model = quantize_rtn(init_model(c, seed=2), QuantSpec(bits=bits, groupsize=gs))
+    _compare(model, c, lambda mesh: place.shard(model, mesh), check)
+
+    per_row = quantize_rtn(init_model(c, seed=3), QuantSpec(bits=bits, groupsize=-1))
+    mesh = pm.make_mesh(1, 2, 4)
+    sharded = place.shard(per_row, mesh)  # one group: scales/zeros replicated along the input
+    assert sharded.layers[0].mlp.down.scales[...].sharding.spec == P(None, "fsdp")
+    err = rel_err(Model(sharded, None, mesh=mesh).logits(np.arange(32)[None] * 7 % 256),
+                  Model(per_row, None).logits(np.arange(32)[None] * 7 % 256))
+    assert err < RTOL, err
 
 
 def case_bad_mesh() -> None:

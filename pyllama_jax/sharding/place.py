@@ -8,7 +8,7 @@ and no device or host ever holds the whole model.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -19,6 +19,7 @@ from pyllama_jax.model import kv_cache
 from pyllama_jax.model.config import ModelConfig
 from pyllama_jax.model.kv_cache import KVCache
 from pyllama_jax.model.llama import Llama, abstract_model
+from pyllama_jax.sharding import quant
 from pyllama_jax.sharding import rules as sr
 
 
@@ -27,10 +28,11 @@ def placer(config: ModelConfig, mesh: Mesh, rules: sr.Rules = sr.RULES,
     """`place(name, host_array) -> jax.Array` sharded by the rules; for `build_model(place=...)`.
 
     Each device's slice is cut from `host_array` (and cast to the parameter's dtype) on its own.
-    `model` is the structure to fill (default: the dense model of `config`).
+    `model` is the structure to fill (default: the dense model of `config`; a quantized one has
+    its packed arrays annotated by `sharding.quant.annotate`).
     """
-    sr.check_model(config, mesh.shape, rules)
-    _, state = nnx.split(model if model is not None else abstract_model(config))
+    model = check_layout(model if model is not None else abstract_model(config), mesh.shape, rules)
+    _, state = nnx.split(model)
     targets = {}
     for path, var in nnx.to_flat_state(state):
         name = ".".join(str(p) for p in path)
@@ -40,15 +42,25 @@ def placer(config: ModelConfig, mesh: Mesh, rules: sr.Rules = sr.RULES,
     def place(name: str, array: np.ndarray) -> jax.Array:
         sharding, dtype = targets[name]
         return jax.make_array_from_callback(array.shape, sharding,
-                                            lambda index: np.asarray(array[index]).astype(dtype))
+                                            lambda index: np.asarray(array[index]).astype(dtype, copy=False))
 
     return place
 
 
+def check_layout(model: Llama, mesh_shape: Mapping[str, int], rules: sr.Rules = sr.RULES) -> Llama:
+    """Raise, naming the field or tensor, if a mesh of this shape cannot split `model` (which may be
+    abstract: `nnx.eval_shape`); annotates packed quantized weights with logical axes on the way."""
+    sr.check_model(model.config, mesh_shape, rules)
+    quant.annotate(model)
+    quant.check(model, mesh_shape, rules)
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        sr.variable_spec(".".join(str(p) for p in path), var, mesh_shape, rules)
+    return model
+
+
 def shard(model: Llama, mesh: Mesh, rules: sr.Rules = sr.RULES) -> Llama:
-    """An in-memory model moved onto the mesh (e.g. just quantized, or randomly initialised)."""
-    sr.check_model(model.config, mesh.shape, rules)
-    graphdef, state = nnx.split(model)
+    """An in-memory model (dense or quantized, e.g. just calibrated) moved onto the mesh."""
+    graphdef, state = nnx.split(check_layout(model, mesh.shape, rules))
     return nnx.merge(graphdef, jax.device_put(state, sr.state_shardings(state, mesh, rules)))
 
 
