@@ -144,6 +144,22 @@ def test_quantized_groups_must_split_at_shard_boundaries():
     place.check_layout(coarse, {"data": 1, "fsdp": 2, "tensor": 4})  # 4 ways: one group per shard
 
 
+def test_quantized_base_of_a_lora_adapter_shards_like_its_layer():
+    from flax import nnx
+
+    from pyllama_jax.quant.qlinear import get_module, set_linear
+    from pyllama_jax.sharding import place
+    from pyllama_jax.train.lora import LoRALinear
+
+    model = _abstract_quantized(QCONFIG, 4, 16)
+    base = get_module(model, "layers.0.mlp.down")
+    set_linear(model, "layers.0.mlp.down", LoRALinear(base, (256, 128), ("mlp", "embed"), 2, 4.0, 0.0,
+                                                      rngs=nnx.Rngs(0)))
+    place.check_layout(model, {"data": 1, "fsdp": 2, "tensor": 4})
+    assert base.qweight.get_metadata()["logical_axes"] == ("mlp", "embed")  # row-parallel, as dense down
+    assert base.g_idx.get_metadata()["logical_axes"] == ("mlp",)
+
+
 # ---- tests on 8 simulated devices --------------------------------------------------------------
 
 def test_dense_logits_and_generation_match_single_device():

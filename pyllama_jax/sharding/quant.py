@@ -15,7 +15,7 @@ from flax import nnx
 
 from pyllama_jax.model.config import ModelConfig
 from pyllama_jax.model.llama import Block, Llama, abstract_model
-from pyllama_jax.quant.qlinear import QuantLinear, get_module
+from pyllama_jax.quant.qlinear import QuantLinear
 from pyllama_jax.sharding import rules as sr
 
 PACKED = ("qweight", "scales", "qzeros", "g_idx")
