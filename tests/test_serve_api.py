@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import socket
+import tempfile
 import time
 import urllib.parse
 
@@ -22,12 +23,13 @@ CONTEXT = 512
 PROMPT = "The three most important inventions in history are"
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 TOKENS = 20
+XLA_CACHE = os.path.join(tempfile.gettempdir(), "pyllama-jax-test-xla-cache")  # shared by the serve tests
 
 
 @pytest.fixture(scope="module")
 def server():
     with ServerProcess(["--config.serve.slots=8", "--config.serve.max_queue=8", f"--config.serve.context={CONTEXT}"],
-                       env={"PYLLAMA_API_KEY": KEY}) as s:
+                       env={"PYLLAMA_API_KEY": KEY, "JAX_COMPILATION_CACHE_DIR": XLA_CACHE}) as s:
         yield s
 
 
