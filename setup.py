@@ -26,7 +26,7 @@ setup(
     ],
     extras_require={
         # PyTorch-side peers: checkpoint .pth/.bin reading, HF parity tests, benchmarks.
-        "torch": ["torch>=2.4"],
+        "torch": ["torch>=2.6"],
         "test": ["pytest>=8", "transformers>=5.0", "accelerate>=1.0", "datasets>=3.0", "openai>=1.0"],
     },
 )

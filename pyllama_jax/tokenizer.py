@@ -97,6 +97,10 @@ def from_hf_folder(folder: str) -> Tokenizer:
         with open(tc) as f:
             cfg = json.load(f)
     template = cfg.get("chat_template")
+    jinja = os.path.join(folder, "chat_template.jinja")  # where transformers >= 4.5x saves it
+    if template is None and os.path.isfile(jinja):
+        with open(jinja, encoding="utf-8") as f:
+            template = f.read()
     if not os.path.isfile(tj):
         sp = os.path.join(folder, "tokenizer.model")
         if os.path.isfile(sp):

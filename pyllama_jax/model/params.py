@@ -6,6 +6,7 @@ placed one at a time, so host memory never holds two copies of a model.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Iterable, Iterator
 
 import jax
@@ -20,6 +21,11 @@ LAYER_LINEARS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every parameter of a model with this config."""
+    return dict(_shapes(config))
+
+
+@functools.lru_cache(maxsize=8)
+def _shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     _, state = nnx.split(abstract_model(config))
     return {".".join(str(k) for k in path): tuple(v.get_value().shape)
             for path, v in nnx.to_flat_state(state)}
@@ -44,7 +50,7 @@ def build_model(config: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], 
     `source` names the checkpoint in errors. `place(name, array)` puts one tensor on devices
     (default: the default device, cast to `config.param_dtype`); sharded loading passes its own.
     """
-    shapes = expected_shapes(config)
+    shapes = _shapes(config)
     place = place or (lambda name, a: jax.device_put(a.astype(config.weight_dtype)))
     graphdef, state = nnx.split(abstract_model(config))
     flat = dict(nnx.to_flat_state(state))
