@@ -6,6 +6,7 @@ setup(
     version="0.1.0",
     description="LLaMA in JAX/Flax: load Meta/HF/GGUF checkpoints, GPTQ 2/3/4/8-bit, sharding, serving, fine-tuning",
     packages=find_packages(include=["pyllama_jax", "pyllama_jax.*"]),
+    package_data={"pyllama_jax.serve": ["static/*"]},  # the web chat page
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10",
@@ -23,10 +24,13 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.7",
         "huggingface_hub>=2.0",  # download.py --hf (snapshot_download with dry_run)
+        "aiohttp>=3.9",  # serve: the HTTP server (handler cancellation frees a disconnected client's slot)
+        "psutil>=5.9",  # serve: profile.py and the load benchmark read process memory
     ],
     extras_require={
         # PyTorch-side peers: checkpoint .pth/.bin reading, HF parity tests, benchmarks.
         "torch": ["torch>=2.6"],
-        "test": ["pytest>=8", "transformers>=5.0", "accelerate>=1.0", "datasets>=3.0", "openai>=1.0"],
+        "test": ["pytest>=8", "transformers>=5.0", "accelerate>=1.0", "datasets>=3.0", "openai>=1.0",
+                 "playwright>=1.40", "pexpect>=4.8"],  # web chat in Debian's chromium; terminal chat in a pty
     },
 )
