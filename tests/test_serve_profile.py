@@ -1,4 +1,4 @@
-"""scripts/profile.py's measurement, table and plot, on a tiny random model."""
+"""scripts/profile_inference.py's measurement, table and plot, on a tiny random model."""
 from __future__ import annotations
 
 import importlib.util
@@ -15,7 +15,7 @@ from tests.test_serve_engine import byte_tokenizer
 
 
 def test_profile_run_table_and_plot(tmp_path):
-    spec = importlib.util.spec_from_file_location("profile_script", os.path.join(REPO, "scripts", "profile.py"))
+    spec = importlib.util.spec_from_file_location("profile_script", os.path.join(REPO, "scripts", "profile_inference.py"))
     profile = sys.modules["profile_script"] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(profile)
     tokenizer = byte_tokenizer()

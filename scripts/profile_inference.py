@@ -4,7 +4,7 @@ Runs the configured model on the first configured prompt twice with the same sha
 compiles and is reported separately; a generation ends at EOS or max_new_tokens), records the time and memory at every decode step of the
 second, prints a table and writes `profile.png` (latency and memory per step) and `profile.json`.
 
-    python scripts/profile.py --config=configs/smollm2_135m.py --config.sampling.max_new_tokens=128 \\
+    python scripts/profile_inference.py --config=configs/smollm2_135m.py --config.sampling.max_new_tokens=128 \\
         --out=artifacts/profile
 """
 from __future__ import annotations
