@@ -15,7 +15,8 @@ from tests.test_serve_engine import byte_tokenizer
 
 
 def test_profile_run_table_and_plot(tmp_path):
-    spec = importlib.util.spec_from_file_location("profile_script", os.path.join(REPO, "scripts", "profile_inference.py"))
+    path = os.path.join(REPO, "scripts", "profile_inference.py")
+    spec = importlib.util.spec_from_file_location("profile_script", path)
     profile = sys.modules["profile_script"] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(profile)
     tokenizer = byte_tokenizer()
