@@ -30,7 +30,7 @@ def test_native_round_trip_and_size(tmp_path):
     model = _quantized()
     size = save_quantized(model, str(tmp_path), {"wbits": 4, "groupsize": 32})
     assert size == sum(os.path.getsize(tmp_path / f) for f in os.listdir(tmp_path))
-    loaded, quant = load_quantized(str(tmp_path))
+    loaded, quant, _ = load_quantized(str(tmp_path))
     assert quant == {"wbits": 4, "groupsize": 32}
     np.testing.assert_array_equal(np.asarray(loaded(IDS)[0]), np.asarray(model(IDS)[0]))
 
@@ -49,7 +49,7 @@ def _hf_config(tmp_path):
         "vocab_size": c.vocab_size, "hidden_size": c.dim, "num_hidden_layers": c.n_layers,
         "num_attention_heads": c.n_heads, "num_key_value_heads": c.kv_heads, "intermediate_size": c.hidden_dim,
         "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "max_position_embeddings": c.max_seq_len,
-        "tie_word_embeddings": False}))
+        "tie_word_embeddings": False, "model_type": "llama"}))
 
 
 def test_load_hand_packed_autogptq_checkpoint(tmp_path):
@@ -82,7 +82,7 @@ def test_load_hand_packed_autogptq_checkpoint(tmp_path):
     _hf_config(tmp_path)
     (tmp_path / "quantize_config.json").write_text(json.dumps({"bits": bits, "group_size": gs, "desc_act": False,
                                                                 "sym": False}))
-    model, quant = load_autogptq(str(tmp_path))
+    model, quant, _ = load_autogptq(str(tmp_path))
     assert quant["wbits"] == 3 and quant["groupsize"] == 32
     for name, qw in quantized_linears(model).items():
         np.testing.assert_array_equal(np.asarray(packing.dequantize(qw)), want[name])
@@ -94,7 +94,7 @@ def test_export_then_import_autogptq(tmp_path):
     export_autogptq(model, str(tmp_path), {"wbits": 4, "groupsize": 32})
     qc = json.loads((tmp_path / "quantize_config.json").read_text())
     assert (qc["bits"], qc["group_size"], qc["checkpoint_format"]) == (4, 32, "gptq")
-    loaded, _ = load_autogptq(str(tmp_path))
+    loaded, _, _ = load_autogptq(str(tmp_path))
     # scales travel as float16, as AutoGPTQ stores them
     np.testing.assert_allclose(np.asarray(loaded(IDS)[0]), np.asarray(model(IDS)[0]), rtol=2e-3, atol=2e-3)
     for name, qw in quantized_linears(loaded).items():

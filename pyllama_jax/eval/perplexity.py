@@ -102,3 +102,18 @@ def benchmark(module: Llama, ids: Sequence[int], check: bool = False) -> Benchma
             nll -= float(logp[ids[i + 1]])
     ppl = float(np.exp(nll / (len(ids) - 1))) if check and len(ids) > 1 else None
     return BenchmarkResult(float(np.median(times[1:] or times)), ppl)
+
+
+def report(model: Any, q: Any) -> None:
+    """Print perplexity on each corpus of a job's `quant.eval`, then its `quant.benchmark`."""
+    corpora = [q.eval] if isinstance(q.eval, str) else list(q.eval)
+    for corpus in corpora:
+        r = perplexity(model, corpus, seqlen=q.seqlen, max_windows=q.eval_windows or None, batch_size=q.batch_size)
+        print(f"{corpus}: perplexity {r.perplexity:.3f} over {r.windows} windows of {q.seqlen} ({r.seconds:.0f} s)")
+    if q.benchmark:
+        if not corpora:
+            raise ValueError("quant.benchmark needs a corpus in quant.eval to take its tokens from")
+        ids = corpus_ids(model.tokenizer, corpora[0])[:q.benchmark]
+        b = benchmark(model.module, ids, check=q.check)
+        print(f"benchmark: {b.median_seconds_per_token * 1e3:.1f} ms/token (median over {len(ids)} tokens)"
+              + (f", perplexity {b.perplexity:.3f}" if b.perplexity is not None else ""))

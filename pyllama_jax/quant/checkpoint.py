@@ -19,10 +19,12 @@ from flax import nnx
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from pyllama_jax.convert import hf
 from pyllama_jax.model.config import ModelConfig
 from pyllama_jax.model.llama import Llama
 from pyllama_jax.model.params import build_model
 from pyllama_jax.quant.packing import SUPPORTED_BITS, QuantWeight
+from pyllama_jax.tokenizer import Tokenizer
 from pyllama_jax.quant.qlinear import LAYER_LINEARS, QuantLinear, get_module, quantized_linears, set_linear
 
 QUANT_FIELDS = ("qweight", "scales", "qzeros", "g_idx")
@@ -97,9 +99,11 @@ def load_quant_weights(path: str) -> dict[str, QuantWeight]:
     return _unflatten(tensors, json.loads(metadata["quant_layout"]), path)
 
 
-def save_quantized(model: Llama, folder: str, quant: dict[str, Any]) -> int:
-    """Save a model with `QuantLinear` layers as our native checkpoint; returns its size in bytes."""
+def save_quantized(model: Llama, folder: str, quant: dict[str, Any], tokenizer: Tokenizer | None = None) -> int:
+    """Save a model with `QuantLinear` layers (and its tokenizer) as our native checkpoint; returns bytes."""
     os.makedirs(folder, exist_ok=True)
+    if tokenizer is not None:
+        hf.write_tokenizer(tokenizer, folder)
     qweights = quantized_linears(model)
     tensors, layout = _flatten(qweights)
     _, state = nnx.split(model)
@@ -146,8 +150,8 @@ def _kernel_shapes(config: ModelConfig, names: set[str]) -> dict[str, tuple[int,
     return {n: shapes[n] for n in names if n in shapes}
 
 
-def load_quantized(folder: str) -> tuple[Llama, dict[str, Any]]:
-    """Load our native quantized checkpoint: the model and its quantization settings."""
+def load_quantized(folder: str) -> tuple[Llama, dict[str, Any], Tokenizer | None]:
+    """Load our native quantized checkpoint: the model, its quantization settings and tokenizer."""
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{folder}: no config.json; not a quantized checkpoint")
@@ -157,7 +161,7 @@ def load_quantized(folder: str) -> tuple[Llama, dict[str, Any]]:
     qweights = _unflatten(tensors, meta["layout"], folder)
     dense = {k: v for k, v in tensors.items() if k.rpartition(".")[0] not in qweights}
     config = ModelConfig.from_dict(meta["model"])
-    return _model_with(config, dense, qweights, folder), meta["quant"]
+    return _model_with(config, dense, qweights, folder), meta["quant"], hf.read_tokenizer(folder)
 
 
 # ---- AutoGPTQ / GPTQ-for-LLaMa -------------------------------------------------------------
@@ -179,21 +183,6 @@ def _hf_dense_names(config: ModelConfig) -> dict[str, str]:
     return names
 
 
-def _hf_model_config(path: str) -> ModelConfig:
-    """ModelConfig from an HF LLaMA `config.json`."""
-    with open(path) as f:
-        c = json.load(f)
-    try:
-        return ModelConfig(vocab_size=c["vocab_size"], dim=c["hidden_size"], n_layers=c["num_hidden_layers"],
-                           n_heads=c["num_attention_heads"], n_kv_heads=c.get("num_key_value_heads"),
-                           hidden_dim=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-6),
-                           rope_theta=c.get("rope_theta", 10000.0),
-                           max_seq_len=c.get("max_position_embeddings", 2048),
-                           tie_embeddings=c.get("tie_word_embeddings", False))
-    except KeyError as e:
-        raise ValueError(f"{path}: missing field {e.args[0]!r} of an HF LLaMA config") from None
-
-
 def _read_quantize_config(folder: str) -> dict[str, Any]:
     path = os.path.join(folder, "quantize_config.json")
     if not os.path.isfile(path):
@@ -210,10 +199,14 @@ def _read_quantize_config(folder: str) -> dict[str, Any]:
     return q
 
 
-def load_autogptq(folder: str) -> tuple[Llama, dict[str, Any]]:
+def load_autogptq(folder: str) -> tuple[Llama, dict[str, Any], Tokenizer | None]:
     """Load an AutoGPTQ / GPTQ-for-LLaMa LLaMA checkpoint (config.json, quantize_config.json, *.safetensors)."""
     q = _read_quantize_config(folder)
-    config = _hf_model_config(os.path.join(folder, "config.json"))
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{folder}: no config.json")
+    with open(config_path) as f:
+        config = hf.config_from_hf(json.load(f), config_path)
     files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
     if not files:
         raise FileNotFoundError(f"{folder}: no .safetensors file")
@@ -231,7 +224,7 @@ def load_autogptq(folder: str) -> tuple[Llama, dict[str, Any]]:
         dense[ours] = tensors[theirs].T if ours == "lm_head.kernel" else tensors[theirs]
     quant = {"wbits": q["bits"], "groupsize": meta["groupsize"], "act_order": bool(q.get("desc_act", False)),
              "sym": bool(q.get("sym", False)), "source": "autogptq"}
-    return _model_with(config, dense, qweights, folder), quant
+    return _model_with(config, dense, qweights, folder), quant, hf.read_tokenizer(folder)
 
 
 def _in_features(config: ModelConfig, path: str) -> int:
@@ -239,8 +232,8 @@ def _in_features(config: ModelConfig, path: str) -> int:
         config.n_heads * config.head_dim if path == "attn.o" else config.dim)
 
 
-def export_autogptq(model: Llama, folder: str, quant: dict[str, Any]) -> None:
-    """Write `model` (all block linears quantized) as an AutoGPTQ checkpoint."""
+def export_autogptq(model: Llama, folder: str, quant: dict[str, Any], tokenizer: Tokenizer | None = None) -> None:
+    """Write `model` (all block linears quantized) as an AutoGPTQ checkpoint, with its tokenizer if given."""
     qweights = quantized_linears(model)
     missing = [f"layers.{i}.{p}" for i in range(model.config.n_layers) for p in LAYER_LINEARS
                if f"layers.{i}.{p}" not in qweights]
@@ -252,17 +245,14 @@ def export_autogptq(model: Llama, folder: str, quant: dict[str, Any]) -> None:
     for ours, theirs in _hf_dense_names(model.config).items():
         value = np.asarray(jax.device_get(get_module(model, ours)[...]))
         tensors[theirs] = value.T if ours == "lm_head.kernel" else value
-    c = model.config
-    hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": c.vocab_size,
-          "hidden_size": c.dim, "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
-          "num_key_value_heads": c.kv_heads, "intermediate_size": c.hidden_dim, "rms_norm_eps": c.norm_eps,
-          "rope_theta": c.rope_theta, "max_position_embeddings": c.max_seq_len,
-          "tie_word_embeddings": c.tie_embeddings, "hidden_act": "silu", "torch_dtype": "float16"}
+    hf_config = hf.config_to_hf(model.config, "float16", tokenizer)
     qc = {"bits": quant["wbits"], "group_size": quant["groupsize"], "desc_act": bool(quant.get("act_order")),
           "static_groups": bool(quant.get("act_order")), "sym": bool(quant.get("sym")), "true_sequential": True,
           "quant_method": "gptq", "checkpoint_format": "gptq"}
     _save_safetensors(os.path.join(folder, "model.safetensors"), tensors, {"format": "pt"})
-    for name, obj in (("config.json", hf), ("quantize_config.json", qc)):
+    if tokenizer is not None:
+        hf.write_tokenizer(tokenizer, folder)
+    for name, obj in (("config.json", hf_config), ("quantize_config.json", qc)):
         tmp = os.path.join(folder, name + ".tmp")
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=1)

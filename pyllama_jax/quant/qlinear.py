@@ -79,3 +79,13 @@ def quantized_linears(root: nnx.Module) -> dict[str, QuantWeight]:
     """Every `QuantLinear` under `root`, by dotted path, as packed weights."""
     return {".".join(str(p) for p in path): m.weight for path, m in nnx.iter_graph(root)
             if isinstance(m, QuantLinear)}
+
+
+def set_kernel(root: nnx.Module, kernel: str) -> nnx.Module:
+    """Make every `QuantLinear` under `root` use the named matmul kernel; returns `root`."""
+    if kernel not in KERNELS:
+        raise ValueError(f"quantized matmul kernel {kernel!r} is not available; expected one of {sorted(KERNELS)}")
+    for _, m in nnx.iter_graph(root):
+        if isinstance(m, QuantLinear):
+            m.kernel = kernel
+    return root

@@ -62,3 +62,71 @@ def quantize(model: Any, recipe: QuantRecipe = QuantRecipe(), resume_dir: str | 
     from pyllama_jax.api import Model
 
     return Model(model.module, model.tokenizer, model.source)
+
+
+def quant_config(**overrides: Any):
+    """The `quant` section of a job config (ml_collections), with pyllama's GPTQ fields."""
+    import ml_collections
+
+    c = ml_collections.ConfigDict()
+    c.wbits = 4  # 0 = keep dense; 2, 3, 4 or 8
+    c.groupsize = 128  # input rows per scale/zero; -1 = one per output row
+    c.nearest = False  # round-to-nearest (RTN) instead of GPTQ
+    c.sym = False  # symmetric grid
+    c.mse = False  # grid-search the clipping range (norm 2.4)
+    c.act_order = False  # GPTQ columns by descending Hessian diagonal, static groups
+    c.percdamp = 0.01  # GPTQ damping, fraction of the mean Hessian diagonal
+    c.blocksize = 128  # GPTQ lazy-update block
+    c.calibration = "c4"  # calibration corpus: wikitext2 | ptb | c4 | local file[@start:end]
+    c.nsamples = 128  # calibration windows
+    c.seqlen = 2048  # tokens per calibration and evaluation window
+    c.seed = 0  # calibration sampling seed
+    c.batch_size = 8  # windows per forward call (calibration and evaluation)
+    c.kernel = "xla"  # quantized matmul: xla | pallas
+    c.save = ""  # quantized checkpoint folder: written after quantizing, loaded if it exists
+    c.load = ""  # quantized checkpoint folder (ours or AutoGPTQ) to load instead of quantizing
+    c.eval = ()  # corpora to report perplexity on after quantizing
+    c.eval_windows = 0  # evaluate at most this many windows per corpus; 0 = all
+    c.benchmark = 0  # pyllama's --benchmark N: time per token over N tokens of the first eval corpus
+    c.check = False  # with benchmark: also report the perplexity of those N tokens
+    c.update(overrides)
+    return c
+
+
+def recipe_from(q: Any) -> QuantRecipe:
+    """A `QuantRecipe` from a config's `quant` section."""
+    return QuantRecipe(**{f.name: q[f.name] for f in dataclasses.fields(QuantRecipe)})
+
+
+def load_or_quantize(c: Any) -> Any:
+    """The job's model: the quantized checkpoint at `quant.load` or `quant.save` if it exists,
+    otherwise `c.model` loaded, quantized (when `quant.wbits` > 0) and saved to `quant.save`."""
+    import os
+    import shutil
+
+    import pyllama_jax as pj
+    from pyllama_jax.api import Model
+    from pyllama_jax.quant.checkpoint import is_quantized_checkpoint, load_autogptq, load_quantized, save_quantized
+    from pyllama_jax.quant.qlinear import set_kernel
+
+    q = c.quant
+    folder = os.path.expanduser(q.load or q.save)
+    if folder and os.path.isfile(os.path.join(folder, "quantize_config.json")):
+        module, _, tokenizer = load_autogptq(folder)
+        return Model(set_kernel(module, q.kernel), tokenizer, folder)
+    if folder and is_quantized_checkpoint(folder):
+        module, _, tokenizer = load_quantized(folder)
+        return Model(set_kernel(module, q.kernel), tokenizer, folder)
+    if q.load:
+        raise FileNotFoundError(f"quant.load={q.load!r}: no quantized checkpoint there")
+    model = pj.load(c.model, dtype=c.dtype, param_dtype=c.param_dtype)
+    if not q.wbits:
+        return model
+    resume = os.path.join(folder, "resume") if folder else None
+    model = quantize(model, recipe_from(q), resume_dir=resume, batch_size=q.batch_size)
+    set_kernel(model.module, q.kernel)
+    if folder:
+        size = save_quantized(model.module, folder, q.to_dict(), model.tokenizer)
+        shutil.rmtree(resume, ignore_errors=True)
+        print(f"saved {folder}: {size / 2 ** 20:.1f} MiB")
+    return model

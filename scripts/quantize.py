@@ -1,0 +1,31 @@
+"""Quantize a model with GPTQ (or RTN), save it, and optionally report perplexity.
+
+    python scripts/quantize.py --config=configs/smollm2_135m_4bit.py
+    python scripts/quantize.py --config=configs/smollm2_135m_4bit.py --config.quant.nearest=True \\
+        --config.quant.save=artifacts/smollm2_rtn4
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pyllama_jax.quant.recipe import load_or_quantize, recipe_from  # noqa: E402
+from pyllama_jax.eval.perplexity import report  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/smollm2_135m_4bit.py", "job configuration file")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    c = _CONFIG.value
+    print(f"{c.model}: {recipe_from(c.quant).describe()}, calibration {c.quant.calibration}")
+    report(load_or_quantize(c), c.quant)
+
+
+if __name__ == "__main__":
+    app.run(main)
