@@ -1,6 +1,7 @@
 """Serve the configured model: OpenAI-compatible API with continuous batching, and a web chat at /.
 
     python scripts/serve.py --config=configs/smollm2_135m.py --config.serve.port=8000
+    python scripts/serve.py --config=configs/7b.py --config.mesh.tensor=-1   # sharded over all devices
     curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
         -d '{"model": "smollm2-135m", "messages": [{"role": "user", "content": "Hi"}]}'
 """
@@ -16,6 +17,7 @@ from ml_collections import config_flags
 import pyllama_jax as pj
 from pyllama_jax.serve.engine import Engine
 from pyllama_jax.serve.openai_api import create_app, is_loopback, serve
+from pyllama_jax.sharding import mesh as pmesh
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/smollm2_135m.py", "job configuration file")
 
@@ -28,14 +30,15 @@ def main(argv: list[str]) -> None:
     if not api_key and not is_loopback(s.host):
         sys.exit(f"error: serve.host={s.host!r} is reachable from other machines; set serve.api_key or "
                  "$PYLLAMA_API_KEY (without a key the server is for local use only: host 127.0.0.1)")
+    mesh = pmesh.from_config(c.mesh)  # None: one device
     try:
-        model = pj.load(c.model, dtype=c.dtype, param_dtype=c.param_dtype)
+        model = pj.load(c.model, dtype=c.dtype, param_dtype=c.param_dtype, mesh=mesh)
     except FileNotFoundError as e:
         sys.exit(f"error: {e}")
     if model.tokenizer is None:
         sys.exit(f"error: {model.source} has no tokenizer, so it cannot be served")
     engine = Engine(model.module, model.tokenizer, slots=s.slots, context=s.context, max_queue=s.max_queue,
-                    prefill_chunk=s.prefill_chunk)
+                    prefill_chunk=s.prefill_chunk, mesh=mesh)
     print(f"loaded {model.source}; compiling for {s.slots} slots of {engine.context} tokens", flush=True)
     engine.warmup()
     engine.start()

@@ -11,6 +11,7 @@ context, and a session compiles a handful of programs, all fixed by the slot cou
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import queue
@@ -21,11 +22,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from pyllama_jax.generate import sample
 from pyllama_jax.model.kv_cache import KVCache
 from pyllama_jax.model.llama import Llama
 from pyllama_jax.serve.text import TextStream
+from pyllama_jax.sharding import place
 from pyllama_jax.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -81,8 +84,9 @@ class Engine:
     """A background thread that runs admitted requests through `slots` cache rows."""
 
     def __init__(self, model: Llama, tokenizer: Tokenizer, slots: int = 8, context: int = 0,
-                 max_queue: int = 64, prefill_chunk: int = 64):
-        """`context`: tokens per slot (capped at the model's max_seq_len; 0 = that)."""
+                 max_queue: int = 64, prefill_chunk: int = 64, mesh: Mesh | None = None):
+        """`context`: tokens per slot (capped at the model's max_seq_len; 0 = that). `mesh`: the mesh
+        the model's weights are sharded on (the cache is split the same way); None = one device."""
         if slots < 1 or prefill_chunk < 1 or max_queue < 0 or context < 0:
             raise ValueError(f"serve: slots={slots} and prefill_chunk={prefill_chunk} must be >= 1, "
                              f"max_queue={max_queue} and context={context} >= 0")
@@ -90,7 +94,8 @@ class Engine:
         self.slots, self.context = slots, min(context or model.config.max_seq_len, model.config.max_seq_len)
         self.max_queue, self.prefill_chunk = max_queue, prefill_chunk
         self._graphdef, self._state = nnx.split(model)
-        self._cache = KVCache.create(self.config, slots, self.context)
+        self._mesh = mesh
+        self._cache = place.create_cache(self.config, slots, self.context, mesh)
         self._prefill = jax.jit(self._prefill_fn, static_argnames=("window",), donate_argnames=("cache",))
         self._decode = jax.jit(self._decode_fn, static_argnames=("window",), donate_argnames=("cache",))
         self._rows: list[_Slot | None] = [None] * slots
@@ -165,6 +170,10 @@ class Engine:
     def warmup(self) -> None:
         """Compile what short requests need: the first prefill window, and the decode step for every
         row count (1, 2, 4, ..., slots). Longer contexts compile their window on first use."""
+        with self._on_mesh():
+            self._compile_all()
+
+    def _compile_all(self) -> None:
         z = jnp.zeros((), jnp.int32)
         _, self._cache = self._prefill(self._state, self._cache, z, jnp.zeros((1, self.prefill_chunk), jnp.int32),
                                        z, z, jnp.zeros((), jnp.uint32), jnp.zeros(()), z, jnp.ones(()),
@@ -237,6 +246,14 @@ class Engine:
     # ---- the engine thread -------------------------------------------------------------------------
 
     def _run(self) -> None:
+        with self._on_mesh():
+            self._loop()
+
+    def _on_mesh(self):
+        """The mesh context (its activation constraints apply inside), or nothing without one."""
+        return jax.sharding.set_mesh(self._mesh) if self._mesh is not None else contextlib.nullcontext()
+
+    def _loop(self) -> None:
         while True:
             with self._cv:
                 while not self._closed and not self._waiting and all(s is None for s in self._rows):
@@ -249,13 +266,12 @@ class Engine:
                 self._prefill_step()
                 if any(s is not None and s.prefilled == len(s.request.prompt) for s in self._rows):
                     self._decode_step()
-            except Exception as e:  # a failed step leaves the donated cache unusable: start afresh
-                log.exception("engine step failed")
-                self._cache = KVCache.create(self.config, self.slots, self.context)
+            except Exception:  # a failed step leaves the donated cache unusable: start afresh
+                log.exception("engine step failed; its requests end with finish_reason 'error'")
+                self._cache = place.create_cache(self.config, self.slots, self.context, self._mesh)
                 for i, s in enumerate(self._rows):
                     if s is not None:
                         self._finish(i, Event("", "error", s.generated))
-                        log.error("request failed: %s", e)
         for i, s in enumerate(self._rows):
             if s is not None:
                 self._finish(i, Event("", "cancelled", s.generated))
