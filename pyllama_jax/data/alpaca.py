@@ -60,6 +60,8 @@ class Rows:
 
 @dataclasses.dataclass
 class TokenStats:
+    """What tokenization kept, cut and dropped."""
+
     examples: int = 0  # examples that made it into rows
     truncated: int = 0  # longer than seq_len, cut to fit
     dropped: int = 0  # longer than seq_len and dropped (or nothing left to learn after the cut)

@@ -93,9 +93,10 @@ def finetune(c: ml_collections.ConfigDict) -> pj.Model:
         model = place.shard(model, mesh)
     data = alpaca.prepare(d.path, loaded.tokenizer, seq_len=d.seq_len, template=d.template, pack=d.pack,
                           eval_size=d.eval_size, seed=t.seed, overlong=d.overlong, on_error=d.on_error)
-    print(f"data: {len(data.train)} training rows of {d.seq_len} tokens from {data.train_stats.examples} "
-          f"examples ({data.train_stats.truncated} truncated, {data.train_stats.dropped} dropped), "
-          f"{data.held_out_stats.examples} held out", flush=True)
+    s = data.train_stats
+    print(f"data: {len(data.train)} training rows of {d.seq_len} tokens from {s.examples} examples "
+          f"({s.truncated} truncated, {s.dropped} dropped; {s.loss_tokens} response tokens carry the loss), "
+          f"{data.held_out_stats.examples} held out ({data.held_out_stats.dropped} dropped)", flush=True)
     trainer = Trainer(model, optim_config(t), lora=t.lora, mesh=mesh)
     fit(trainer, data, loaded.tokenizer, loop_config(t, d.template), run_config(c))
     trained = pj.Model(trainer.model(), loaded.tokenizer, loaded.source, mesh=mesh)
