@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_EXPORTS = {"Model": "api", "load": "api", "Generation": "generate", "SamplingConfig": "generate",
+_EXPORTS = {"Model": "api", "load": "api", "load_from_config": "api", "Generation": "generate", "SamplingConfig": "generate",
             "ModelConfig": "model.config", "preset": "model.config"}
 __all__ = sorted(_EXPORTS)
 

@@ -98,3 +98,16 @@ def load(path_or_name: str, dtype: str | None = None, param_dtype: str | None = 
     module = build_model(ckpt.config, ckpt.tensors, ckpt.source,
                          place.placer(ckpt.config, mesh) if mesh else None)
     return Model(module, ckpt.tokenizer, ckpt.source, mesh)
+
+
+def load_from_config(c: Any, mesh: Mesh | None = None) -> Model:
+    """A job config's model: dense, or quantized (`quant.wbits`/`quant.load`: the saved checkpoint,
+    else quantized now and saved), sharded over `mesh` when given."""
+    if not (c.quant.wbits or c.quant.get("load")):
+        return load(c.model, dtype=c.dtype, param_dtype=c.param_dtype, mesh=mesh)
+    from pyllama_jax.quant.recipe import load_or_quantize
+
+    model = load_or_quantize(c)
+    if mesh is None:
+        return model
+    return Model(place.shard(model.module, mesh), model.tokenizer, model.source, mesh)

@@ -76,10 +76,11 @@ def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax
            top_p: jax.Array) -> jax.Array:
     """Next tokens `[b]` from `logits[b, vocab]`; per-row temperature (0 = greedy), top-k, top-p."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
 
-    def sampled() -> jax.Array:
+    def truncated() -> jax.Array:  # top-k / top-p: rank the vocabulary
         order = jnp.argsort(-logits, axis=-1)
-        ranked = jnp.take_along_axis(logits, order, axis=-1) / jnp.maximum(temperature, 1e-6)[:, None]
+        ranked = jnp.take_along_axis(scaled, order, axis=-1)
         rank = jnp.arange(logits.shape[-1])[None, :]
         ranked = jnp.where((top_k[:, None] > 0) & (rank >= top_k[:, None]), -jnp.inf, ranked)
         probs = jax.nn.softmax(ranked, axis=-1)
@@ -89,8 +90,13 @@ def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax
         picked = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
         return jnp.where(temperature > 0, picked, greedy)
 
-    # The vocabulary sort costs milliseconds per step on a CPU: skip it when every row is greedy.
-    return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy)
+    def plain() -> jax.Array:
+        return jnp.where(temperature > 0, jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32), greedy)
+
+    # Sorting the vocabulary costs milliseconds per step on a CPU: only rows that cut need it.
+    sampling = temperature > 0
+    cuts = jnp.any(sampling & ((top_k > 0) | (top_p < 1.0)))
+    return jax.lax.cond(cuts, truncated, lambda: jax.lax.cond(jnp.any(sampling), plain, lambda: greedy))
 
 
 class Generator:

@@ -53,7 +53,7 @@ def main(argv: list[str]) -> None:
     del argv
     c = _CONFIG.value
     try:
-        model = pj.load(c.model, dtype=c.dtype, param_dtype=c.param_dtype)
+        model = pj.load_from_config(c)
     except FileNotFoundError as e:
         sys.exit(f"error: {e}")
     if model.tokenizer is None:

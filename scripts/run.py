@@ -20,19 +20,6 @@ from pyllama_jax.sharding import multihost
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/smollm2_135m.py", "job configuration file")
 
 
-def load_model(c, mesh) -> pj.Model:
-    """The configured model: dense, or quantized (loaded from `quant.save`/`quant.load`, else made and saved)."""
-    if not (c.quant.wbits or c.quant.get("load")):
-        return pj.load(c.model, dtype=c.dtype, param_dtype=c.param_dtype, mesh=mesh)
-    from pyllama_jax.quant.recipe import load_or_quantize
-    from pyllama_jax.sharding import place
-
-    model = load_or_quantize(c)
-    if mesh is None:
-        return model
-    return pj.Model(place.shard(model.module, mesh), model.tokenizer, model.source, mesh)
-
-
 def main(argv: list[str]) -> None:
     del argv
     c = _CONFIG.value
@@ -40,7 +27,7 @@ def main(argv: list[str]) -> None:
     mesh = pmesh.from_config(c.mesh)
     say = multihost.main_only(print)  # process 0 speaks for the job
     try:
-        model = load_model(c, mesh)
+        model = pj.load_from_config(c, mesh)
     except FileNotFoundError as e:
         sys.exit(f"error: {e}\nGet LLaMA weights with scripts/download.py, or point --config.model at them.")
     if mesh is not None:

@@ -32,7 +32,7 @@ def main(argv: list[str]) -> None:
                  "$PYLLAMA_API_KEY (without a key the server is for local use only: host 127.0.0.1)")
     mesh = pmesh.from_config(c.mesh)  # None: one device
     try:
-        model = pj.load(c.model, dtype=c.dtype, param_dtype=c.param_dtype, mesh=mesh)
+        model = pj.load_from_config(c, mesh)
     except FileNotFoundError as e:
         sys.exit(f"error: {e}")
     if model.tokenizer is None:
