@@ -23,9 +23,10 @@ import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
 
 from pyllama_jax.data.text import calibration_windows, data_dir, load_text  # noqa: E402
-from pyllama_jax.model.llama import causal_mask, rope_frequencies  # noqa: E402
+from pyllama_jax.quant.calibrate import linear_inputs  # noqa: E402
 from pyllama_jax.quant.gptq import GPTQConfig, HessianAccumulator, gptq_quantize  # noqa: E402
 from pyllama_jax.quant.packing import dequantize  # noqa: E402
+from pyllama_jax.quant.qlinear import get_module  # noqa: E402
 from pyllama_jax.quant.rtn import QuantSpec  # noqa: E402
 
 
@@ -75,17 +76,10 @@ def real_problems(samples: int):
     model = pj.load("smollm2-135m")
     text = load_text(os.path.join(data_dir(), "wikitext-2-raw", "wiki.test.raw") + "@640000:")
     ids = calibration_windows(model.tokenizer.encode(text, bos=False), samples, 512, seed=0)
-    layer = model.module.layers[0]
     x = jnp.take(model.module.embed[...], jnp.asarray(ids), axis=0)
-    pos = jnp.broadcast_to(jnp.arange(512), ids.shape)
-    u = layer.attn_norm(x)
-    attn, _ = layer.attn(u, pos, rope_frequencies(layer.config), causal_mask(pos), None)
-    v = layer.mlp_norm(x + attn)
-    d = jax.nn.silu(layer.mlp.gate(v)) * layer.mlp.up(v)
-    flat = lambda a: np.asarray(a).reshape(-1, a.shape[-1])  # noqa: E731
-    return [("layers.0.attn.q", np.asarray(layer.attn.q.kernel[...]), flat(u)),
-            ("layers.0.mlp.up", np.asarray(layer.mlp.up.kernel[...]), flat(v)),
-            ("layers.0.mlp.down", np.asarray(layer.mlp.down.kernel[...]), flat(d))]
+    acts, _ = linear_inputs(model.module.layers[0], x)
+    return [(f"layers.0.{p}", np.asarray(get_module(model.module.layers[0], p).kernel[...]),
+             np.asarray(acts[p]).reshape(-1, acts[p].shape[-1])) for p in ("attn.q", "mlp.up", "mlp.down")]
 
 
 def main() -> None:
@@ -104,7 +98,7 @@ def main() -> None:
         acc = HessianAccumulator(w.shape[0])
         acc.add(jnp.asarray(x))
         h = acc.hessian()
-        ht, wt = torch.from_numpy(np.asarray(h)), torch.from_numpy(w.T.copy())
+        ht, wt = torch.from_numpy(np.array(h)), torch.from_numpy(w.T.copy())
         t0 = time.perf_counter()
         qw, _ = gptq_quantize(w, h, spec, cfg)
         first = time.perf_counter() - t0

@@ -86,6 +86,15 @@ _attn_in, _o_in, _mlp_in, _down_in, _out = map(
 SEQUENTIAL = (("attn.k", "attn.v", "attn.q"), ("attn.o",), ("mlp.up", "mlp.gate"), ("mlp.down",))
 
 
+def linear_inputs(layer: Block, x: jax.Array) -> tuple[dict[str, jax.Array], jax.Array]:
+    """The input `[b, t, in]` of each linear of `layer` for block inputs `x`, and the block's output."""
+    attn_in = _attn_in(layer, x)
+    ctx = _o_in(layer, x)
+    h, mlp_in = _mlp_in(layer, x, ctx)
+    groups = (attn_in, ctx, mlp_in, _down_in(layer, h))
+    return {path: a for paths, a in zip(SEQUENTIAL, groups) for path in paths}, _out(layer, h)
+
+
 @dataclasses.dataclass(frozen=True)
 class CalibrationConfig:
     """How GPTQ sees its calibration data."""

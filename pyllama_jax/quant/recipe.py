@@ -6,8 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from pyllama_jax.data.text import calibration_windows
-from pyllama_jax.eval.perplexity import corpus_ids
+from pyllama_jax.data.text import calibration_windows, load_text
 from pyllama_jax.quant.calibrate import CalibrationConfig, quantize_gptq, quantize_rtn
 from pyllama_jax.quant.gptq import GPTQConfig
 from pyllama_jax.quant.rtn import QuantSpec
@@ -55,7 +54,7 @@ def quantize(model: Any, recipe: QuantRecipe = QuantRecipe(), resume_dir: str | 
     if recipe.nearest:
         quantize_rtn(model.module, recipe.spec)
     else:
-        ids = corpus_ids(model.tokenizer, recipe.calibration, split="train")
+        ids = model.tokenizer.encode(load_text(recipe.calibration, split="train"), bos=False)
         calib = calibration_windows(ids, recipe.nsamples, recipe.seqlen, recipe.seed)
         quantize_gptq(model.module, np.asarray(calib), recipe.spec, recipe.gptq,
                       CalibrationConfig(batch_size, resume_dir))
