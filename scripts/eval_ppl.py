@@ -23,8 +23,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/smollm2_135m_4bit.p
 def main(argv: list[str]) -> None:
     del argv
     c = _CONFIG.value
-    if "calibration" not in c.quant:  # a dense config: give it the quant section's defaults
-        c.quant = quant_config(**c.quant.to_dict())
+    c.quant = quant_config(**c.quant.to_dict())  # every quant field, defaults where the config has none
     report(load_or_quantize(c), c.quant)
 
 
