@@ -86,7 +86,7 @@ def _inverse_factor(h: jax.Array, percdamp: float, act_order: bool, name: str):
         f"(tried {percdamp:g} x 10^0..{DAMP_RETRIES}); check the calibration activations for inf/NaN")
 
 
-def _blocking(n: int, groupsize: int, blocksize: int, static_groups: bool) -> tuple[int, int]:
+def _blocking(groupsize: int, blocksize: int, static_groups: bool) -> tuple[int, int]:
     """(block, segment) sizes such that every dynamic group starts a segment inside one block."""
     if groupsize == -1 or static_groups or groupsize % blocksize == 0:
         return blocksize, blocksize
@@ -98,6 +98,7 @@ def _blocking(n: int, groupsize: int, blocksize: int, static_groups: bool) -> tu
 @functools.partial(jax.jit, static_argnames=("spec", "blocksize", "act_order"))
 def _solve(w: jax.Array, dead: jax.Array, perm: jax.Array, hinv: jax.Array, spec: QuantSpec,
            blocksize: int, act_order: bool):
+    """Blocked GPTQ over the input rows of `w[in, out]`: integer codes (natural order), scales, zeros, loss."""
     n, _ = w.shape
     maxq, gs = spec.maxq, spec.groupsize
     if gs == -1:  # per output column, from the weights before dead inputs are zeroed (as published)
@@ -115,7 +116,7 @@ def _solve(w: jax.Array, dead: jax.Array, perm: jax.Array, hinv: jax.Array, spec
             gmap = jnp.arange(n, dtype=jnp.int32) // gs
     w = w[perm]
     dynamic = gs != -1 and not act_order
-    block, seg = _blocking(n, gs, blocksize, act_order)
+    block, seg = _blocking(gs, blocksize, act_order)
 
     codes = []
     loss = jnp.zeros((), jnp.float32)
