@@ -46,7 +46,8 @@ except ImportError:  # pragma: no cover - depends on the installed JAX
 
 MIN_DOT = 16  # Triton's smallest dot operand side
 GEMV_MAX_M = 8  # batches up to this many rows take the GEMV path (block_m < MIN_DOT)
-GEMV_ACC = 2048  # accumulator elements per row of x per program on the GEMV path (registers)
+GEMV_UNROLL = 64  # GEMV block_m * values per period: the unrolled code Triton compiles in seconds
+GEMV_ACC = 2048  # GEMV path: accumulator elements per row of x (or tile words) per program
 MAGIC = 0x4B000000  # float32 bits of 2**23: OR-ing an integer q < 2**23 into them gives 2**23 + q
 TWO23 = float(2 ** 23)
 
@@ -112,7 +113,8 @@ def check_config(config: TileConfig, m: int, k: int, n: int, bits: int) -> str |
 
 
 def _largest_block_k(k: int, per: int, max_rows: int, min_rows: int) -> int | None:
-    rows = _next_pow2(max_rows)
+    """The largest `per * 2**i` dividing k with `min_rows <= 2**i <= max_rows`."""
+    rows = 1 << (max_rows.bit_length() - 1)
     while rows >= min_rows:
         if k % (rows * per) == 0:
             return rows * per
@@ -124,8 +126,9 @@ def default_config(m: int, k: int, n: int, bits: int) -> TileConfig | None:
     """A tiling for `[m, k] @ [k, n]` (None if none fits).
 
     GEMV up to 8 rows, tensor-core dots above; where no dot tile divides K (3 bits) batches up to
-    64 rows take GEMV tiles of 8 rows (reading the weight once per tile). Split-K raises the
-    program count to about two per streaming multiprocessor.
+    64 rows take GEMV tiles too. A GEMV tile has at most `GEMV_UNROLL / per` rows (2 at 3 bits),
+    reading the weight once per tile. Split-K raises the program count to about two per
+    streaming multiprocessor.
     """
     per = period(bits)[0]
     block_n = next((b for b in (128, 64, 32) if n % b == 0 and (m > 64 or b <= 64)), None)
@@ -137,8 +140,9 @@ def default_config(m: int, k: int, n: int, bits: int) -> TileConfig | None:
         block_k = _largest_block_k(k, per, max(MIN_DOT, 256 // per), MIN_DOT)
         warps = 8 if block_m * block_n >= 128 * 128 else 4
     if block_k is None and m <= 64:
-        block_m = min(_next_pow2(m), GEMV_MAX_M)
-        block_k = _largest_block_k(k, per, max(1, GEMV_ACC // (block_m * block_n)), 1)
+        block_m = min(_next_pow2(m), GEMV_MAX_M, max(1, GEMV_UNROLL // per))
+        max_rows = GEMV_ACC // (max(block_m, period(bits)[1]) * block_n)  # accumulators, words
+        block_k = _largest_block_k(k, per, max(1, max_rows), 1)
         warps = 4
     if block_k is None:
         return None
