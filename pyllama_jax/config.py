@@ -126,3 +126,17 @@ def meta_llama_config(folder: str) -> ml_collections.ConfigDict:
     c.chat = False
     c.prompts = ["I believe the meaning of life is", "Simply put, the theory of relativity states that"]
     return c
+
+
+def smollm2_quant_config(wbits: int, groupsize: int = 128) -> ml_collections.ConfigDict:
+    """SmolLM2-135M-Instruct with GPTQ weights calibrated on "wiki-tail", as in
+    ../shared/reference/gptq-smollm2.md: 128 windows of 512 tokens from WikiText-2 test after
+    character 640,000; perplexity on the file's first 128 windows."""
+    from pyllama_jax.data.text import data_dir
+    from pyllama_jax.quant.recipe import quant_config
+
+    wiki = os.path.join(data_dir(), "wikitext-2-raw", "wiki.test.raw")
+    c = base_config()
+    c.quant = quant_config(wbits=wbits, groupsize=groupsize, calibration=wiki + "@640000:", nsamples=128,
+                           seqlen=512, save=f"artifacts/smollm2_135m_{wbits}bit", eval=(wiki,), eval_windows=128)
+    return c
