@@ -14,11 +14,10 @@ import importlib.util
 import os
 import shutil
 import statistics
-import time
 
 import pyllama_jax as pj
 from pyllama_jax.data import alpaca
-from pyllama_jax.train.metrics import read_metrics
+from pyllama_jax.train.metrics import plot_losses, read_metrics
 from pyllama_jax.train.run import finetune, load_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,20 +70,20 @@ def main() -> None:
     prompts = [alpaca.prompt_text(e, base.tokenizer, c.data.template) for e in shown]
     before = answers(base, prompts, args.new_tokens)
     del base
-    start = time.perf_counter()
     trained = finetune(c)
-    wall = time.perf_counter() - start
     after = answers(trained, prompts, args.new_tokens)
 
     os.makedirs(args.results, exist_ok=True)
-    for name in ("metrics.csv", "loss.png"):
-        shutil.copyfile(os.path.join(args.workdir, name), os.path.join(args.results, name))
+    shutil.copyfile(os.path.join(args.workdir, "metrics.csv"), os.path.join(args.results, "metrics.csv"))
+    plot_losses(os.path.join(args.results, "metrics.csv"), os.path.join(args.results, "loss.png"),
+                f"SmolLM2-135M-Instruct + LoRA r={t.lora_rank}, Alpaca seed tasks")
     with open(os.path.join(args.results, "generations.md"), "w", encoding="utf-8") as f:
         f.write(generations_md(shown, before, after, args.steps))
     rows = read_metrics(os.path.join(args.workdir, "metrics.csv"))
     held = [(int(r["step"]), float(r["eval_loss"])) for r in rows if r["eval_loss"]]
     train = [float(r["loss"]) for r in rows if r["loss"]]
     tps = [float(r["tokens_per_s"]) for r in rows[2:] if r["tokens_per_s"]]  # rows[1] includes compilation
+    seconds = sum(float(r["seconds"]) for r in rows if r["seconds"])
     with open(os.path.join(args.results, "summary.md"), "w", encoding="utf-8") as f:
         f.write(f"# SmolLM2-135M LoRA on Alpaca seed tasks (CPU)\n\n"
                 f"- data: {c.data.path.split('shared/')[-1]}, {len(held_out)} examples held out (split by seed "
@@ -95,10 +94,10 @@ def main() -> None:
                 f"{t.steps} steps of {t.batch_size} rows, float32 on a shared 2-core CPU\n"
                 f"- held-out loss: {held[0][1]:.4f} at step {held[0][0]} -> {min(l for _, l in held):.4f} (best) -> "
                 f"{held[-1][1]:.4f} at step {held[-1][0]}\n"
-                f"- training loss: first step {train[0]:.4f}, mean of the last 10 steps "
-                f"{statistics.mean(train[-10:]):.4f}\n"
+                f"- training loss (batches of {t.batch_size} rows, noisy): mean of the first 10 steps "
+                f"{statistics.mean(train[:10]):.4f}, of the last 10 steps {statistics.mean(train[-10:]):.4f}\n"
                 f"- training throughput: median {statistics.median(tps):.0f} tokens/s (non-padding tokens; "
-                f"this run's wall time {wall / 60:.0f} min in this process)\n"
+                f"{seconds / 60:.0f} min in training steps, compilation included)\n"
                 f"- generations: {args.generations} held-out instructions, greedy, {args.new_tokens} new tokens "
                 f"at most (generations.md)\n")
     print(open(os.path.join(args.results, "summary.md")).read())

@@ -5,6 +5,9 @@ import csv
 import os
 from typing import Any
 
+import numpy as np
+
+SMOOTH = 10  # steps averaged in the plot's smoothed training loss
 COLUMNS = ("step", "epoch", "loss", "eval_loss", "lr", "grad_norm", "tokens", "tokens_per_s", "seconds")
 
 
@@ -65,7 +68,10 @@ def plot_losses(csv_path: str, png_path: str, title: str = "") -> None:
     train = [(int(r["step"]), float(r["loss"])) for r in rows if r["loss"]]
     held = [(int(r["step"]), float(r["eval_loss"])) for r in rows if r["eval_loss"]]
     if train:
-        ax.plot(*zip(*train), label="train loss", lw=1, alpha=0.8)
+        steps, losses = map(np.asarray, zip(*train))
+        ax.plot(steps, losses, label="train loss (per step)", lw=0.8, alpha=0.35)
+        w = min(SMOOTH, len(losses))
+        ax.plot(steps[w - 1:], np.convolve(losses, np.ones(w) / w, "valid"), label=f"train loss ({w}-step mean)")
     if held:
         ax.plot(*zip(*held), "o-", label="held-out loss")
     ax.set_xlabel("optimizer step")
