@@ -44,34 +44,40 @@ VARIANTS = [  # (label, method, spec fields, gptq fields, calibration, nsamples)
 ]
 
 
-def activations(model, ids: np.ndarray, blocks: int, batch: int = 8) -> list[dict[str, np.ndarray]]:
-    """Per block, each linear's inputs `[tokens, in]` for windows `ids`, through the dense model."""
-    per_block = [{p: [] for p in LAYER_LINEARS} for _ in range(blocks)]
+def _inputs(model, ids: np.ndarray, blocks: int, batch: int = 8):
+    """Yield, per batch of windows, each block's linear inputs `{path: [tokens, in]}` (dense model)."""
     for i in range(0, len(ids), batch):
         x = jnp.take(model.embed[...], jnp.asarray(ids[i:i + batch]), axis=0)
+        out = []
         for b in range(blocks):
             acts, x = linear_inputs(model.layers[b], x)
+            out.append({p: acts[p].reshape(-1, acts[p].shape[-1]) for p in LAYER_LINEARS})
+        yield i + len(ids[i:i + batch]), out
+
+
+def activations(model, ids: np.ndarray, blocks: int) -> list[dict[str, np.ndarray]]:
+    """Per block, each linear's inputs `[tokens, in]` for windows `ids`."""
+    batches = [acts for _, acts in _inputs(model, ids, blocks)]
+    return [{p: np.concatenate([np.asarray(a[b][p]) for a in batches]) for p in LAYER_LINEARS} for b in range(blocks)]
+
+
+def hessians(model, ids: np.ndarray, blocks: int, snapshots: tuple[int, ...]) -> dict[int, list[dict]]:
+    """Hessians of each linear's inputs after the first `n` windows, for each `n` in `snapshots`."""
+    accs = [{p: HessianAccumulator(get_module(model.layers[b], p).kernel[...].shape[0]) for p in LAYER_LINEARS}
+            for b in range(blocks)]
+    out = {}
+    for seen, acts in _inputs(model, ids[:max(snapshots)], blocks):
+        for b in range(blocks):
             for p in LAYER_LINEARS:
-                per_block[b][p].append(np.asarray(acts[p]).reshape(-1, acts[p].shape[-1]))
-    return [{p: np.concatenate(v) for p, v in blk.items()} for blk in per_block]
-
-
-def hessians(acts: list[dict[str, np.ndarray]], n_windows: int, seqlen: int) -> list[dict[str, object]]:
-    """Hessians from the first `n_windows` windows' activations."""
-    out = []
-    for blk in acts:
-        hs = {}
-        for p, a in blk.items():
-            acc = HessianAccumulator(a.shape[1])
-            acc.add(jnp.asarray(a[:n_windows * seqlen]))
-            hs[p] = acc.hessian()
-        out.append(hs)
+                accs[b][p].add(acts[b][p])
+        if seen in snapshots:
+            out[seen] = [{p: acc.hessian() for p, acc in blk.items()} for blk in accs]
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--blocks", type=int, default=2)
+    ap.add_argument("--blocks", type=int, default=1)
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--bits", type=int, nargs="*", default=[3, 4])
     ap.add_argument("--groupsize", type=int, default=128)
@@ -86,10 +92,7 @@ def main() -> None:
     H = {}
     for name, path in CALIBRATION.items():
         ids = calibration_windows(corpus_ids(model.tokenizer, path), 256, seqlen, seed=0)
-        acts = activations(model.module, ids, args.blocks)
-        H[name] = {n: hessians(acts, n, seqlen) for n in (32, 128, 256)} if name == "wiki-tail" else \
-            {128: hessians(acts, 128, seqlen)}
-        del acts
+        H[name] = hessians(model.module, ids, args.blocks, (32, 128, 256) if name == "wiki-tail" else (128,))
     rows = []
     for bits in args.bits:
         for label, method, spec_f, gptq_f, calib, n in VARIANTS:
