@@ -65,7 +65,7 @@ def torch_lora_step(targets, rank: int, alpha: float, dropout: float, lr: float)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(adapters, 1.0)
         opt.step()
-        return float(loss)
+        return loss.item()
 
     return step
 
