@@ -8,7 +8,8 @@ import importlib
 from typing import Any
 
 _EXPORTS = {"Model": "api", "load": "api", "load_from_config": "api", "Generation": "generate", "SamplingConfig": "generate",
-            "ModelConfig": "model.config", "preset": "model.config"}
+            "ModelConfig": "model.config", "preset": "model.config",
+            "quantize": "quant.recipe", "QuantRecipe": "quant.recipe", "perplexity": "eval.perplexity"}
 __all__ = sorted(_EXPORTS)
 
 
