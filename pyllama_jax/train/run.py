@@ -1,7 +1,6 @@
 """The fine-tuning job behind `scripts/finetune.py`: model, data, trainer, loop and export from one config."""
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any
 
@@ -12,8 +11,7 @@ import pyllama_jax as pj
 from pyllama_jax.convert import hf, meta, native
 from pyllama_jax.data import alpaca
 from pyllama_jax.model.params import named_tensors
-from pyllama_jax.quant.qlinear import quantized_linears
-from pyllama_jax.quant.recipe import QuantRecipe, quantize
+from pyllama_jax.quant.recipe import quant_config, quantize, recipe_from
 from pyllama_jax.sharding import mesh as mesh_lib
 from pyllama_jax.sharding import place
 from pyllama_jax.train import lora, tiny
@@ -27,20 +25,16 @@ RESUMABLE_FIELDS = ("workdir", "save_every", "keep", "eval_every", "sample_every
 
 
 def load_model(c: ml_collections.ConfigDict, mesh: Mesh | None) -> pj.Model:
-    """The configured model on `mesh`, quantized first when `quant.wbits > 0` (QLoRA's frozen base):
-    any checkpoint `pj.load` reads, or `random:<preset>` for experiments."""
-    if c.model.startswith(tiny.PREFIX):
-        loaded = tiny.random_model(c.model, c.train.seed, dtype=c.dtype, param_dtype=c.param_dtype)
-    else:
-        loaded = pj.load(c.model, dtype=c.dtype, param_dtype=c.param_dtype, mesh=mesh)
-    quantized = bool(quantized_linears(loaded.module))
-    if not c.train.lora and (c.quant.wbits or quantized):
-        raise ValueError(f"{loaded.source}: packed quantized weights cannot be fully fine-tuned "
-                         f"(quant.wbits={c.quant.wbits}); set train.lora=True (QLoRA) or quant.wbits=0")
-    if c.quant.wbits and not quantized:
-        fields = {f.name: c.quant[f.name] for f in dataclasses.fields(QuantRecipe) if f.name in c.quant}
-        loaded = quantize(loaded, QuantRecipe(**fields))
-    return loaded
+    """The job's model: `pj.load_from_config` (dense; or, for QLoRA, quantized: a saved quantized
+    checkpoint or quantized now), or `random:<preset>` (quantized too when `quant.wbits > 0`)."""
+    if not c.train.lora and (c.quant.wbits or c.quant.get("load")):
+        raise ValueError(f"quant.wbits={c.quant.wbits} / quant.load={c.quant.get('load', '')!r} with "
+                         "train.lora=False: packed quantized weights cannot be fully fine-tuned; set "
+                         "train.lora=True (QLoRA) or quant.wbits=0")
+    if not c.model.startswith(tiny.PREFIX):
+        return pj.load_from_config(c, mesh)
+    loaded = tiny.random_model(c.model, c.train.seed, dtype=c.dtype, param_dtype=c.param_dtype)
+    return quantize(loaded, recipe_from(quant_config(**c.quant.to_dict()))) if c.quant.wbits else loaded
 
 
 def run_config(c: ml_collections.ConfigDict) -> dict[str, Any]:
