@@ -6,19 +6,18 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from pyllama_jax.convert import NameMap
 from pyllama_jax.model.config import ModelConfig
 from pyllama_jax.model.params import permute_rope
 
-_LAYER_NAMES = {
-    "attn_norm.weight": "attn_norm.scale", "ffn_norm.weight": "mlp_norm.scale",
-    "attn_q.weight": "attn.q.kernel", "attn_k.weight": "attn.k.kernel",
-    "attn_v.weight": "attn.v.kernel", "attn_output.weight": "attn.o.kernel",
-    "ffn_gate.weight": "mlp.gate.kernel", "ffn_up.weight": "mlp.up.kernel",
-    "ffn_down.weight": "mlp.down.kernel",
-}
-_TOP_NAMES = {"token_embd.weight": "embed", "output_norm.weight": "norm.scale",
-              "output.weight": "lm_head.kernel"}
-
+NAMES = NameMap(
+    top={"token_embd.weight": "embed", "output_norm.weight": "norm.scale", "output.weight": "lm_head.kernel"},
+    layer_prefix="blk.",
+    layer={"attn_norm.weight": "attn_norm.scale", "ffn_norm.weight": "mlp_norm.scale",
+           "attn_q.weight": "attn.q.kernel", "attn_k.weight": "attn.k.kernel",
+           "attn_v.weight": "attn.v.kernel", "attn_output.weight": "attn.o.kernel",
+           "ffn_gate.weight": "mlp.gate.kernel", "ffn_up.weight": "mlp.up.kernel",
+           "ffn_down.weight": "mlp.down.kernel"})
 
 class GGUFFile:
     """A memory-mapped GGUF file with its metadata as plain Python values."""
@@ -73,7 +72,7 @@ class GGUFFile:
         from gguf.quants import dequantize
 
         for t in self.reader.tensors:
-            name = _rename(t.name)
+            name = NAMES.ours(t.name)
             if name is None:
                 raise ValueError(f"{self.path}: unexpected tensor {t.name!r} in a llama GGUF file")
             try:
@@ -90,11 +89,3 @@ class GGUFFile:
                 w = w.T  # PyTorch [out, in] -> ours [in, out]
             yield name, w
 
-
-def _rename(gguf_name: str) -> str | None:
-    if gguf_name in _TOP_NAMES:
-        return _TOP_NAMES[gguf_name]
-    parts = gguf_name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
-        return f"layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
-    return None
