@@ -132,9 +132,9 @@ def main() -> None:
           "vs 1 client | server RSS before -> after (MiB) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r, clients, s, before, after in rows:
-        ratio = s["tokens_per_s"] / single[r] if r in single else float("nan")
+        ratio = f"{s['tokens_per_s'] / single[r]:.2f}x" if r in single else "-"
         print(f"| {r} | {clients} | {s['requests']} | {s['errors']} | {s['incomplete']} | {s['ttft_p50']:.2f} | "
-              f"{s['ttft_p99']:.2f} | {s['tokens_per_s']:.1f} | {ratio:.2f}x | {before:.0f} -> {after:.0f} |")
+              f"{s['ttft_p99']:.2f} | {s['tokens_per_s']:.1f} | {ratio} | {before:.0f} -> {after:.0f} |")
     total = sum(s["requests"] for _, _, s, _, _ in rows)
     print(f"\nServer RSS after warm-up {start_rss:.0f} MiB, after {total} requests {end_rss:.0f} MiB "
           f"({(end_rss - start_rss) * 1024 / max(total, 1):+.1f} KiB per request).")

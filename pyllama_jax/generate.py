@@ -115,9 +115,8 @@ class Generator:
     def _prefill_fn(self, state, tokens, lengths, cache, key, temperature, top_k, top_p):
         model = nnx.merge(self.graphdef, state)
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        logits, cache = model(tokens, positions, cache)
-        last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-        return sample(last, key, temperature, top_k, top_p), cache
+        logits, cache = model(tokens, positions, cache, logits_at=lengths - 1)
+        return sample(logits[:, 0], key, temperature, top_k, top_p), cache
 
     def _decode_fn(self, state, cache, tokens, positions, key, temperature, top_k, top_p):
         model = nnx.merge(self.graphdef, state)

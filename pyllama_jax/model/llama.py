@@ -171,7 +171,8 @@ class Llama(nnx.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                  cache: KVCache | None = None, attention_mask: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None, kv_window: int | None = None):
+                 segment_ids: jax.Array | None = None, kv_window: int | None = None,
+                 logits_at: jax.Array | None = None):
         """Logits `[b, t, vocab]` (float32) and the updated cache.
 
         Without a cache, `attention_mask[b, t]` (1 = real token) handles left or right padding:
@@ -180,7 +181,8 @@ class Llama(nnx.Module):
         limits attention to its first `kv_window` slots (continuous batching: a step over the
         active rows and the filled part of a larger cache, without copying it).
         `segment_ids[b, t]` (packed sequences; 0 = padding) keeps attention within each segment
-        and restarts positions per segment.
+        and restarts positions per segment. `logits_at[b]` (prefill) keeps one position per row:
+        the logits are then `[b, 1, vocab]`, and the output head runs on those positions only.
         """
         if segment_ids is not None:
             attention_mask = segment_ids > 0 if attention_mask is None else attention_mask
@@ -203,6 +205,8 @@ class Llama(nnx.Module):
             if cache is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
         x = self.norm(x)
         if self.lm_head is None:
             logits = jnp.dot(x, self.embed[...].astype(x.dtype).T, preferred_element_type=jnp.float32)

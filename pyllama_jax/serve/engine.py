@@ -143,8 +143,8 @@ class Engine:
         """Run `tokens[1, chunk]` at positions `start...` through row `slot`; sample from index `last`."""
         model = nnx.merge(self._graphdef, state)
         positions = start + jnp.arange(tokens.shape[1])[None]
-        logits, row = model(tokens, positions, self._row(cache, slot, window))
-        nxt = self._sample(logits[:, last], seed[None], jnp.zeros(1, jnp.int32), temperature[None],
+        logits, row = model(tokens, positions, self._row(cache, slot, window), logits_at=last[None])
+        nxt = self._sample(logits[:, 0], seed[None], jnp.zeros(1, jnp.int32), temperature[None],
                            top_k[None], top_p[None])
         return nxt[0], self._write_row(cache, row, slot, positions)
 

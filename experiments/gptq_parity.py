@@ -1,0 +1,130 @@
+"""Our GPTQ run against a PyTorch driver of the published algorithm on transformers' SmolLM2, block by block.
+
+The PyTorch side follows IST-DASLab's `llama.py` driver: block 0's inputs captured for every
+calibration window, groups `[k, v, q] -> [o] -> [up, gate] -> [down]` each quantized from
+Hessians accumulated (per sample, as `H *= n/(n+1); H += 2/(n+1) x x^T`) by forward hooks on
+the already partly quantized block, then the quantized block re-run to feed the next. It
+quantizes with `benchmarks/gptq_speed.torch_gptq`. Our side is a finished
+`experiments/ablation.py` GPTQ cell (its per-block checkpoints under `artifacts/ablation/`).
+For each block and linear we print the share of weights that differ and their relative
+difference; with `--eval` the PyTorch-quantized model's perplexity is measured as well.
+
+    PYLLAMA_DATA_DIR=../shared/data python experiments/gptq_parity.py --cell=37d1b6dd5cc7 --blocks=3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+
+from gptq_speed import torch_gptq  # noqa: E402
+
+from pyllama_jax.data.text import calibration_windows, data_dir, eval_windows  # noqa: E402
+from pyllama_jax.eval.perplexity import corpus_ids  # noqa: E402
+
+SEQUENTIAL = [("self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"), ("self_attn.o_proj",),
+              ("mlp.up_proj", "mlp.gate_proj"), ("mlp.down_proj",)]
+OURS = {"self_attn.k_proj": "attn.k", "self_attn.v_proj": "attn.v", "self_attn.q_proj": "attn.q",
+        "self_attn.o_proj": "attn.o", "mlp.up_proj": "mlp.up", "mlp.gate_proj": "mlp.gate",
+        "mlp.down_proj": "mlp.down"}
+
+
+def hf_model():
+    from transformers import AutoModelForCausalLM
+
+    from pyllama_jax.api import embedded_path
+
+    folder, name = os.path.split(embedded_path("smollm2-135m"))
+    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+
+
+def run_layer(layer, x: torch.Tensor, extra: dict) -> torch.Tensor:
+    outs = []
+    for j in range(len(x)):
+        out = layer(x[j:j + 1], **extra)
+        outs.append(out[0] if isinstance(out, tuple) else out)
+    return torch.cat(outs)
+
+
+def hessians(layer, x: torch.Tensor, extra: dict, names) -> dict[str, torch.Tensor]:
+    """GPTQ's `add_batch`: per-sample running average of `2 x x^T` over each linear's inputs."""
+    hs = {n: [None, 0] for n in names}
+
+    def hook(name):
+        def add(_, inputs, __):
+            inp = inputs[0].reshape(-1, inputs[0].shape[-1]).float().t()
+            h, n = hs[name]
+            h = torch.zeros(inp.shape[0], inp.shape[0]) if h is None else h * (n / (n + 1))
+            inp = math.sqrt(2 / (n + 1)) * inp
+            hs[name] = [h + inp @ inp.t(), n + 1]
+        return add
+
+    handles = [layer.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    run_layer(layer, x, extra)
+    for h in handles:
+        h.remove()
+    return {n: h for n, (h, _) in hs.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--cell", required=True, help="key of a finished GPTQ cell under artifacts/ablation/")
+    p.add_argument("--blocks", type=int, default=3, help="blocks to quantize and compare")
+    p.add_argument("--calibration", default="wikitext-2-raw/wiki.test.raw@640000:")
+    p.add_argument("--eval", action="store_true", help="also measure the PyTorch-quantized model's perplexity")
+    args = p.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    import pyllama_jax as pj
+    from pyllama_jax.quant.checkpoint import load_quant_weights
+    from pyllama_jax.quant.packing import dequantize
+
+    folder = os.path.join(REPO, "artifacts", "ablation", args.cell)
+    settings = json.load(open(os.path.join(folder, "settings.json")))
+    bits, gs = settings["spec"]["bits"], settings["spec"]["groupsize"]
+    tok = pj.load("smollm2-135m").tokenizer
+    calib = calibration_windows(corpus_ids(tok, os.path.join(data_dir(), args.calibration)), 128, 512, 0)
+    assert int(calib.astype(np.int64).sum()) == settings["calibration_checksum"], "other calibration windows"
+    hf = hf_model()
+    pos = torch.arange(512)[None]
+    with torch.no_grad():
+        x = hf.model.embed_tokens(torch.from_numpy(calib.astype(np.int64)))
+        extra = {"attention_mask": None, "position_ids": pos,
+                 "position_embeddings": hf.model.rotary_emb(x[:1], pos)}
+        print("| block | linear | weights differing | rel. diff |")
+        print("|---|---|---|---|")
+        for i in range(args.blocks):
+            layer = hf.model.layers[i]
+            ours = load_quant_weights(os.path.join(folder, f"block{i:03d}.safetensors"))
+            for names in SEQUENTIAL:
+                hs = hessians(layer, x, extra, names)
+                for n in names:
+                    lin = layer.get_submodule(n)
+                    q = torch_gptq(lin.weight.data, hs[n], bits, gs)
+                    lin.weight.data = q
+                    mine = np.asarray(dequantize(ours[OURS[n]])).T
+                    diff = np.abs(mine - q.numpy())  # a code apart is ~range/maxq; float16 scales ~1e-3 of it
+                    step = np.abs(q.numpy()).max(axis=1, keepdims=True) / 2 ** bits
+                    print(f"| {i} | {n} | {np.mean(diff > 0.1 * step):.4%} | "
+                          f"{np.linalg.norm(diff) / np.linalg.norm(q.numpy()):.2e} |", flush=True)
+            x = run_layer(layer, x, extra)
+        if args.eval:
+            ids = corpus_ids(tok, os.path.join(data_dir(), "wikitext-2-raw/wiki.test.raw"))
+            windows = torch.from_numpy(eval_windows(ids, 512, 128).astype(np.int64))
+            nlls = []
+            for w in windows:
+                logits = hf(w[None]).logits[0, :-1]
+                nlls.append(torch.nn.functional.cross_entropy(logits, w[1:]).item())
+            print(f"perplexity of the PyTorch-quantized model ({args.blocks} blocks): {math.exp(np.mean(nlls)):.3f}")
+
+
+if __name__ == "__main__":
+    main()
