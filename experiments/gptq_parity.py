@@ -18,6 +18,7 @@ import json
 import math
 import os
 import sys
+import time
 
 import numpy as np
 import torch
@@ -99,6 +100,7 @@ def main() -> None:
         x = hf.model.embed_tokens(torch.from_numpy(calib.astype(np.int64)))
         extra = {"attention_mask": None, "position_ids": pos,
                  "position_embeddings": hf.model.rotary_emb(x[:1], pos)}
+        start = time.perf_counter()
         print("| block | linear | weights differing | rel. diff |")
         print("|---|---|---|---|")
         for i in range(args.blocks):
@@ -116,6 +118,7 @@ def main() -> None:
                     print(f"| {i} | {n} | {np.mean(diff > 0.1 * step):.4%} | "
                           f"{np.linalg.norm(diff) / np.linalg.norm(q.numpy()):.2e} |", flush=True)
             x = run_layer(layer, x, extra)
+        print(f"PyTorch driver: {args.blocks} blocks quantized in {time.perf_counter() - start:.0f} s")
         if args.eval:
             ids = corpus_ids(tok, os.path.join(data_dir(), "wikitext-2-raw/wiki.test.raw"))
             windows = torch.from_numpy(eval_windows(ids, 512, 128).astype(np.int64))
