@@ -130,7 +130,8 @@ def cells_for(grid: str, windows: int, nsamples: int) -> list[Cell]:
     for bits in (2, 3, 4, 8):
         for gs in (32, 128, -1):
             sweep.append(cell(dict(nearest=True, wbits=bits, groupsize=gs), None))
-            for act in (False, True):
+            # 8-bit RTN already equals FP32 (reference table): one GPTQ cell shows it, the rest add nothing
+            for act in (False, True) if bits < 8 else (False,) if gs == -1 else ():
                 sweep.append(cell(dict(wbits=bits, groupsize=gs, act_order=act), "wiki-tail"))
     return sweep
 
@@ -147,6 +148,7 @@ def report() -> None:
     folder = os.path.join(RESULTS, "cells")
     rows = [json.load(open(os.path.join(folder, f))) for f in sorted(os.listdir(folder)) if f.endswith(".json")]
     _write_reference(rows)
+    _write_sweep(rows)
     fields = ["label", "calibration", "nsamples", "windows", "perplexity", "bits_per_weight", "quant_seconds",
               "eval_seconds"]
     tmp = os.path.join(RESULTS, "ablation.csv.tmp")
@@ -199,6 +201,36 @@ def _write_reference(rows) -> None:
         lines.append(f"| {QuantRecipe(**fields).describe()} | {calib or '-'} | {fields.get('nsamples', 128) if calib else '-'} | "
                      f"{r['perplexity']:.2f} | {base['perplexity']:.2f} |" if base else " |")
     _write(os.path.join(RESULTS, "reference.md"), "\n".join(lines) + "\n")
+
+
+def _write_sweep(rows) -> None:
+    """sweep.md: perplexity per bits x groupsize, RTN against GPTQ with and without act-order, for every
+    evaluation size that has sweep cells (cells with default mse/sym)."""
+    lines = ["# SmolLM2-135M-Instruct: bits x groupsize x method x act-order", "",
+             "`experiments/ablation.py --grid=sweep`: WikiText-2 perplexity (first windows of 512 tokens), GPTQ "
+             "calibrated on wiki-tail. Bits per weight count AutoGPTQ's storage: float16 scales, packed zeros, g_idx.", ""]
+    plain = [r for r in rows if r["calibration"] in (None, "wiki-tail")
+             and (r["recipe"] is None or not (r["recipe"]["mse"] or r["recipe"]["sym"]))]
+    for windows in sorted({r["windows"] for r in plain}, reverse=True):
+        sel = [r for r in plain if r["windows"] == windows]
+        samples = sorted({r["recipe"]["nsamples"] for r in sel if r["recipe"] and not r["recipe"]["nearest"]})
+        fp32 = next((r["perplexity"] for r in sel if r["recipe"] is None), None)
+        lines += [f"## {windows} evaluation windows, GPTQ on {samples[0] if samples else '-'} calibration windows"
+                  + (f" (FP32: {fp32:.2f})" if fp32 else ""), "",
+                  "| bits | groupsize | bits per weight | RTN | GPTQ | GPTQ act-order |", "|---|---|---|---|---|---|"]
+        for bits, gs in sorted({(r["recipe"]["wbits"], r["recipe"]["groupsize"]) for r in sel if r["recipe"]},
+                               key=lambda k: (k[0], k[1] == -1, k[1])):
+            def cell(nearest, act):
+                hit = [r for r in sel if r["recipe"] and r["recipe"]["wbits"] == bits and r["recipe"]["groupsize"] == gs
+                       and r["recipe"]["nearest"] == nearest and r["recipe"]["act_order"] == act
+                       and (nearest or r["recipe"]["nsamples"] == samples[0])]
+                return f"{hit[0]['perplexity']:.2f}" if hit else "-"
+            bpw = next(r["bits_per_weight"] for r in sel if r["recipe"] and r["recipe"]["wbits"] == bits
+                       and r["recipe"]["groupsize"] == gs)
+            lines.append(f"| {bits} | {'per-row' if gs == -1 else gs} | {bpw:.2f} | {cell(True, False)} | "
+                         f"{cell(False, False)} | {cell(False, True)} |")
+        lines.append("")
+    _write(os.path.join(RESULTS, "sweep.md"), "\n".join(lines))
 
 
 def _plot(rows) -> None:
