@@ -218,17 +218,13 @@ def _write_sweep(rows) -> None:
         lines += [f"## {windows} evaluation windows, GPTQ on {samples[0] if samples else '-'} calibration windows"
                   + (f" (FP32: {fp32:.2f})" if fp32 else ""), "",
                   "| bits | groupsize | bits per weight | RTN | GPTQ | GPTQ act-order |", "|---|---|---|---|---|---|"]
-        for bits, gs in sorted({(r["recipe"]["wbits"], r["recipe"]["groupsize"]) for r in sel if r["recipe"]},
-                               key=lambda k: (k[0], k[1] == -1, k[1])):
-            def cell(nearest, act):
-                hit = [r for r in sel if r["recipe"] and r["recipe"]["wbits"] == bits and r["recipe"]["groupsize"] == gs
-                       and r["recipe"]["nearest"] == nearest and r["recipe"]["act_order"] == act
-                       and (nearest or r["recipe"]["nsamples"] == samples[0])]
-                return f"{hit[0]['perplexity']:.2f}" if hit else "-"
-            bpw = next(r["bits_per_weight"] for r in sel if r["recipe"] and r["recipe"]["wbits"] == bits
-                       and r["recipe"]["groupsize"] == gs)
-            lines.append(f"| {bits} | {'per-row' if gs == -1 else gs} | {bpw:.2f} | {cell(True, False)} | "
-                         f"{cell(False, False)} | {cell(False, True)} |")
+        found = {(q["wbits"], q["groupsize"], q["nearest"], q["act_order"]): r for r in sel if (q := r["recipe"])
+                 and (q["nearest"] or q["nsamples"] == samples[0])}
+        for bits, gs in sorted({key[:2] for key in found}, key=lambda k: (k[0], k[1] == -1, k[1])):
+            ppl = [f"{found[bits, gs, *m]['perplexity']:.2f}" if (bits, gs, *m) in found else "-"
+                   for m in ((True, False), (False, False), (False, True))]
+            bpw = next(r["bits_per_weight"] for key, r in found.items() if key[:2] == (bits, gs))
+            lines.append(f"| {bits} | {'per-row' if gs == -1 else gs} | {bpw:.2f} | {' | '.join(ppl)} |")
         lines.append("")
     _write(os.path.join(RESULTS, "sweep.md"), "\n".join(lines))
 

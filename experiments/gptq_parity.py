@@ -27,6 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
+from decode import hf_model  # noqa: E402
 from gptq_speed import torch_gptq  # noqa: E402
 
 from pyllama_jax.data.text import calibration_windows, data_dir, eval_windows  # noqa: E402
@@ -37,15 +38,6 @@ SEQUENTIAL = [("self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"), ("se
 OURS = {"self_attn.k_proj": "attn.k", "self_attn.v_proj": "attn.v", "self_attn.q_proj": "attn.q",
         "self_attn.o_proj": "attn.o", "mlp.up_proj": "mlp.up", "mlp.gate_proj": "mlp.gate",
         "mlp.down_proj": "mlp.down"}
-
-
-def hf_model():
-    from transformers import AutoModelForCausalLM
-
-    from pyllama_jax.api import embedded_path
-
-    folder, name = os.path.split(embedded_path("smollm2-135m"))
-    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
 
 
 def run_layer(layer, x: torch.Tensor, extra: dict) -> torch.Tensor:
