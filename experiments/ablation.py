@@ -91,7 +91,16 @@ def model_bpw(recipe: QuantRecipe | None, config) -> float:
     return sum(bits_per_weight(recipe, i, o) * i * o for i, o in shapes) / total
 
 
-def run_cell(cell: Cell, model_name: str = "smollm2-135m") -> dict:
+def cell_calibration(cell: Cell, tokenizer) -> np.ndarray:
+    """The cell's calibration windows `[nsamples, seqlen]`, drawn as GPTQ's loaders draw them."""
+    ids = corpus_ids(tokenizer, os.path.join(data_dir(), CALIBRATION[cell.calibration]))
+    return calibration_windows(ids, cell.recipe.nsamples, cell.seqlen, cell.recipe.seed)
+
+
+def run_cell(cell: Cell, model_name: str = "smollm2-135m", calib: np.ndarray | None = None,
+             batch_size: int = 8, resume_name: str | None = None) -> dict:
+    """Quantize and evaluate one cell. `calib`, `batch_size` and `resume_name` (a folder under
+    `artifacts/ablation/`, default the cell's key) let `gptq_spread.py` rerun a GPTQ cell."""
     import pyllama_jax as pj
 
     model = pj.load(model_name)
@@ -101,10 +110,9 @@ def run_cell(cell: Cell, model_name: str = "smollm2-135m") -> dict:
     if cell.recipe is not None and cell.recipe.nearest:
         quantize_rtn(model.module, cell.recipe.spec)
     elif cell.recipe is not None:
-        calib_ids = corpus_ids(model.tokenizer, os.path.join(data_dir(), CALIBRATION[cell.calibration]))
-        calib = calibration_windows(calib_ids, cell.recipe.nsamples, cell.seqlen, cell.recipe.seed)
-        resume = os.path.join(REPO, "artifacts", "ablation", cell.key)
-        quantize_gptq(model.module, calib, cell.recipe.spec, cell.recipe.gptq, CalibrationConfig(8, resume))
+        calib = cell_calibration(cell, model.tokenizer) if calib is None else calib
+        resume = os.path.join(REPO, "artifacts", "ablation", resume_name or cell.key)
+        quantize_gptq(model.module, calib, cell.recipe.spec, cell.recipe.gptq, CalibrationConfig(batch_size, resume))
     quant_seconds = time.perf_counter() - start
     start = time.perf_counter()
     nlls = window_nlls(model.module, windows, batch_size=8)

@@ -10,6 +10,8 @@ import ml_collections
 
 
 def base_config() -> ml_collections.ConfigDict:
+    from pyllama_jax.quant.recipe import quant_config
+
     c = ml_collections.ConfigDict()
     c.model = "smollm2-135m"  # .gguf file, HF/Meta folder, native checkpoint, or embedded name
     c.dtype = "float32"  # compute dtype: float32 | bfloat16 | float16
@@ -25,10 +27,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sampling.seed = 0  # sampling RNG seed
     c.sampling.stop = ()  # stop strings
 
-    c.quant = ml_collections.ConfigDict()
-    c.quant.wbits = 0  # 0 = dense; 2, 3, 4 or 8 = quantized weights
-    c.quant.groupsize = 128  # columns per quantization group; -1 = one group per output row
-    c.quant.kernel = "xla"  # quantized matmul: "xla" (dequantize then dot) or "pallas"
+    c.quant = quant_config(wbits=0)  # GPTQ/RTN fields (quant/recipe.py); wbits 0 = dense
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = 1  # data-parallel axis size (-1 = the rest of the devices)

@@ -1,8 +1,13 @@
-"""Quantize a model with GPTQ (or RTN), save it, and optionally report perplexity.
+"""Quantize a model with GPTQ (or RTN), save it, and report perplexity and pyllama's benchmark.
+
+A saved checkpoint (`quant.save`/`quant.load`) is loaded instead of quantizing again; `quant.wbits=0`
+evaluates the dense model.
 
     python scripts/quantize.py --config=configs/smollm2_135m_4bit.py
     python scripts/quantize.py --config=configs/smollm2_135m_4bit.py --config.quant.nearest=True \\
         --config.quant.save=artifacts/smollm2_rtn4
+    python scripts/quantize.py --config=configs/smollm2_135m.py --config.quant.wbits=0 \\
+        --config.quant.eval=wikitext2 --config.quant.benchmark=128 --config.quant.check=True
 """
 from __future__ import annotations
 
@@ -24,7 +29,8 @@ def main(argv: list[str]) -> None:
     del argv
     c = _CONFIG.value
     c.quant = quant_config(**c.quant.to_dict())  # every quant field, defaults where the config has none
-    print(f"{c.model}: {recipe_from(c.quant).describe()}, calibration {c.quant.calibration}")
+    if c.quant.wbits:
+        print(f"{c.model}: {recipe_from(c.quant).describe()}, calibration {c.quant.calibration}")
     report(load_or_quantize(c), c.quant)
 
 

@@ -64,22 +64,11 @@ def quantize(model: Any, recipe: QuantRecipe = QuantRecipe(), resume_dir: str | 
 
 
 def quant_config(**overrides: Any):
-    """The `quant` section of a job config (ml_collections), with pyllama's GPTQ fields."""
+    """The `quant` section of a job config (ml_collections): every `QuantRecipe` field (pyllama's GPTQ
+    fields, `wbits=0` keeping the model dense) plus how the job runs, saves and evaluates."""
     import ml_collections
 
-    c = ml_collections.ConfigDict()
-    c.wbits = 4  # 0 = keep dense; 2, 3, 4 or 8
-    c.groupsize = 128  # input rows per scale/zero; -1 = one per output row
-    c.nearest = False  # round-to-nearest (RTN) instead of GPTQ
-    c.sym = False  # symmetric grid
-    c.mse = False  # grid-search the clipping range (norm 2.4)
-    c.act_order = False  # GPTQ columns by descending Hessian diagonal, static groups
-    c.percdamp = 0.01  # GPTQ damping, fraction of the mean Hessian diagonal
-    c.blocksize = 128  # GPTQ lazy-update block
-    c.calibration = "c4"  # calibration corpus: wikitext2 | ptb | c4 | local file[@start:end]
-    c.nsamples = 128  # calibration windows
-    c.seqlen = 2048  # tokens per calibration and evaluation window
-    c.seed = 0  # calibration sampling seed
+    c = ml_collections.ConfigDict(dataclasses.asdict(QuantRecipe()))
     c.batch_size = 8  # windows per forward call (calibration and evaluation)
     c.kernel = "xla"  # quantized matmul: xla | pallas
     c.save = ""  # quantized checkpoint folder: written after quantizing, loaded if it exists

@@ -1,0 +1,108 @@
+"""How far floating-point rounding alone moves a GPTQ perplexity on SmolLM2-135M.
+
+Reruns a reference row of `ablation.py` in variants that compute the same mathematics:
+- `order1`, `order2`: the calibration windows in a shuffled order, so every Hessian sums the same
+  terms in another order;
+- `batch4`: block activations computed 4 calibration windows at a time instead of 8;
+- `hf-ids`: the windows cut from transformers' GGUF tokenizer's ids, the reference's exact input
+  (a few ids differ from ours, see `README.md`).
+The spread of these runs is the noise floor against which a 1% match to the reference can be
+judged. Each variant is saved under `experiments/results/spread/` and skipped when rerun; the
+table goes to `experiments/results/gptq_spread.md`.
+
+    PYLLAMA_DATA_DIR=../shared/data python experiments/gptq_spread.py --rows 7 8
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from ablation import CALIBRATION, REFERENCE, RESULTS, Cell, _write, cell_calibration, cells_for, run_cell  # noqa: E402
+
+from pyllama_jax.data.text import calibration_windows, data_dir, load_text  # noqa: E402
+
+VARIANTS = ("order1", "order2", "batch4", "hf-ids")
+SPREAD = os.path.join(RESULTS, "spread")
+
+
+def hf_calibration(cell: Cell) -> np.ndarray:
+    """The cell's windows drawn from transformers' GGUF tokenizer's ids of the calibration text."""
+    from transformers import AutoTokenizer
+
+    from pyllama_jax.api import embedded_path
+
+    folder, name = os.path.split(embedded_path("smollm2-135m"))
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    ids = tokenizer(load_text(os.path.join(data_dir(), CALIBRATION[cell.calibration])),
+                    add_special_tokens=False)["input_ids"]
+    return calibration_windows(ids, cell.recipe.nsamples, cell.seqlen, cell.recipe.seed)
+
+
+def run_variant(cell: Cell, variant: str) -> dict:
+    import pyllama_jax as pj
+
+    resume = f"{cell.key}-{variant}"
+    if variant == "hf-ids":
+        return run_cell(cell, calib=hf_calibration(cell), resume_name=resume)
+    calib = cell_calibration(cell, pj.load("smollm2-135m").tokenizer)
+    if variant == "batch4":
+        return run_cell(cell, calib=calib, batch_size=4, resume_name=resume)
+    order = np.random.default_rng(int(variant.removeprefix("order"))).permutation(len(calib))
+    return run_cell(cell, calib=calib[order], resume_name=resume)
+
+
+def report(rows: list[int]) -> None:
+    cells = cells_for("reference", 128, 128)
+    lines = ["# GPTQ run-to-run spread from floating-point rounding alone", "",
+             "`experiments/gptq_spread.py`: each reference row rerun in variants that compute the same mathematics "
+             "(shuffled calibration order, batch size 4, transformers' tokenizer ids). WikiText-2, first 128 windows "
+             "of 512, 128 calibration windows, seed 0.", "",
+             "| setting | calibration | reference | ours (ablation.py) | " + " | ".join(VARIANTS) +
+             " | min - max | reference inside? |", "|---|---|---|---|" + "---|" * len(VARIANTS) + "---|---|"]
+    for i in rows:
+        cell, (_, calib, ref) = cells[i], REFERENCE[i]
+        found = [os.path.join(RESULTS, "cells", f"{cell.key}.json")] + \
+            [os.path.join(SPREAD, f"{cell.key}-{v}.json") for v in VARIANTS]
+        ppl = [json.load(open(f))["perplexity"] if os.path.exists(f) else None for f in found]
+        done = [p for p in ppl if p is not None]
+        lo, hi = min(done), max(done)
+        lines.append(f"| {cell.label()} | {calib} | {ref:.2f} | " +
+                     " | ".join("-" if p is None else f"{p:.2f}" for p in ppl) +
+                     f" | {lo:.2f} - {hi:.2f} ({100 * (hi / lo - 1):.1f}%) | {'yes' if lo <= ref <= hi else 'no'} |")
+    _write(os.path.join(RESULTS, "gptq_spread.md"), "\n".join(lines) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rows", type=int, nargs="+", required=True, help="indices of ablation.REFERENCE (GPTQ rows)")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--report", action="store_true", help="only rebuild the table")
+    args = p.parse_args()
+    cells = cells_for("reference", 128, 128)
+    bad = [i for i in args.rows if not 0 <= i < len(cells) or cells[i].calibration is None]
+    if bad:
+        p.error(f"--rows {bad}: expected indices of GPTQ rows of ablation.REFERENCE "
+                f"({[i for i, c in enumerate(cells) if c.calibration]})")
+    os.makedirs(SPREAD, exist_ok=True)
+    if not args.report:
+        for variant in args.variants:
+            for i in args.rows:
+                path = os.path.join(SPREAD, f"{cells[i].key}-{variant}.json")
+                if os.path.exists(path):
+                    continue
+                print(f"{cells[i].label()} {cells[i].calibration} {variant}", flush=True)
+                result = run_variant(cells[i], variant)
+                print(f"    perplexity {result['perplexity']:.3f} (quantize {result['quant_seconds']:.0f} s)", flush=True)
+                _write(path, json.dumps(result, indent=1))
+                report(args.rows)
+    report(args.rows)
+
+
+if __name__ == "__main__":
+    main()
