@@ -1,9 +1,9 @@
 """How far floating-point rounding alone moves a GPTQ perplexity on SmolLM2-135M.
 
 Reruns a reference row of `ablation.py` in variants that compute the same mathematics:
-- `order1`, `order2`: the calibration windows in a shuffled order, so every Hessian sums the same
+- `order<seed>`: the calibration windows in a shuffled order, so every Hessian sums the same
   terms in another order;
-- `batch4`: block activations computed 4 calibration windows at a time instead of 8;
+- `batch<n>`: block activations computed n calibration windows at a time instead of 8;
 - `hf-ids`: the windows cut from transformers' GGUF tokenizer's ids, the reference's exact input
   (a few ids differ from ours, see `README.md`).
 The spread of these runs is the noise floor against which a 1% match to the reference can be
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -27,7 +28,7 @@ from ablation import CALIBRATION, REFERENCE, RESULTS, Cell, _write, cell_calibra
 
 from pyllama_jax.data.text import calibration_windows, data_dir, load_text  # noqa: E402
 
-VARIANTS = ("order1", "order2", "batch4", "hf-ids")
+VARIANTS = ("order1", "order2", "batch4", "hf-ids")  # the default set; any order<seed> or batch<n> works
 SPREAD = os.path.join(RESULTS, "spread")
 
 
@@ -51,42 +52,52 @@ def run_variant(cell: Cell, variant: str) -> dict:
     if variant == "hf-ids":
         return run_cell(cell, calib=hf_calibration(cell), resume_name=resume)
     calib = cell_calibration(cell, pj.load("smollm2-135m").tokenizer)
-    if variant == "batch4":
-        return run_cell(cell, calib=calib, batch_size=4, resume_name=resume)
+    if variant.startswith("batch"):
+        return run_cell(cell, calib=calib, batch_size=int(variant.removeprefix("batch")), resume_name=resume)
     order = np.random.default_rng(int(variant.removeprefix("order"))).permutation(len(calib))
     return run_cell(cell, calib=calib[order], resume_name=resume)
 
 
-def report(rows: list[int]) -> None:
+def variant_name(text: str) -> str:
+    if text != "hf-ids" and not re.fullmatch(r"(order|batch)[1-9]\d*", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected hf-ids, order<seed> or batch<n>")
+    return text
+
+
+def report() -> None:
+    """gptq_spread.md: every reference row that has reruns, its runs side by side."""
     cells = cells_for("reference", 128, 128)
+    runs = [f.removesuffix(".json").split("-", 1) for f in sorted(os.listdir(SPREAD)) if f.endswith(".json")]
+    variants = sorted({v for _, v in runs}, key=lambda v: (v == "hf-ids", v))
+    rows = [i for i, c in enumerate(cells) if c.calibration and any(k == c.key for k, _ in runs)]
     lines = ["# GPTQ run-to-run spread from floating-point rounding alone", "",
              "`experiments/gptq_spread.py`: each reference row rerun in variants that compute the same mathematics "
              "(shuffled calibration order, batch size 4, transformers' tokenizer ids). WikiText-2, first 128 windows "
              "of 512, 128 calibration windows, seed 0.", "",
-             "| setting | calibration | reference | ours (ablation.py) | " + " | ".join(VARIANTS) +
-             " | min - max | reference inside? |", "|---|---|---|---|" + "---|" * len(VARIANTS) + "---|---|"]
+             "| setting | calibration | reference | ours (ablation.py) | " + " | ".join(variants) +
+             " | min - max | mean | reference against mean |", "|---|---|---|---|" + "---|" * len(variants) + "---|---|---|"]
     for i in rows:
         cell, (_, calib, ref) = cells[i], REFERENCE[i]
         found = [os.path.join(RESULTS, "cells", f"{cell.key}.json")] + \
-            [os.path.join(SPREAD, f"{cell.key}-{v}.json") for v in VARIANTS]
+            [os.path.join(SPREAD, f"{cell.key}-{v}.json") for v in variants]
         ppl = [json.load(open(f))["perplexity"] if os.path.exists(f) else None for f in found]
         done = [p for p in ppl if p is not None]
-        lo, hi = min(done), max(done)
+        lo, hi, mean = min(done), max(done), float(np.mean(done))
         lines.append(f"| {cell.label()} | {calib} | {ref:.2f} | " +
                      " | ".join("-" if p is None else f"{p:.2f}" for p in ppl) +
-                     f" | {lo:.2f} - {hi:.2f} ({100 * (hi / lo - 1):.1f}%) | {'yes' if lo <= ref <= hi else 'no'} |")
+                     f" | {lo:.2f} - {hi:.2f} ({100 * (hi / lo - 1):.1f}%) | {mean:.2f} | {100 * (ref / mean - 1):+.1f}% |")
     _write(os.path.join(RESULTS, "gptq_spread.md"), "\n".join(lines) + "\n")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--rows", type=int, nargs="+", required=True, help="indices of ablation.REFERENCE (GPTQ rows)")
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--rows", type=int, nargs="*", default=[], help="indices of ablation.REFERENCE (GPTQ rows)")
+    p.add_argument("--variants", nargs="+", type=variant_name, default=list(VARIANTS))
     p.add_argument("--report", action="store_true", help="only rebuild the table")
     args = p.parse_args()
     cells = cells_for("reference", 128, 128)
     bad = [i for i in args.rows if not 0 <= i < len(cells) or cells[i].calibration is None]
-    if bad:
+    if bad or not (args.rows or args.report):
         p.error(f"--rows {bad}: expected indices of GPTQ rows of ablation.REFERENCE "
                 f"({[i for i, c in enumerate(cells) if c.calibration]})")
     os.makedirs(SPREAD, exist_ok=True)
@@ -100,8 +111,8 @@ def main() -> None:
                 result = run_variant(cells[i], variant)
                 print(f"    perplexity {result['perplexity']:.3f} (quantize {result['quant_seconds']:.0f} s)", flush=True)
                 _write(path, json.dumps(result, indent=1))
-                report(args.rows)
-    report(args.rows)
+                report()
+    report()
 
 
 if __name__ == "__main__":
