@@ -1,13 +1,10 @@
 """Quantize a model with GPTQ (or RTN), save it, and report perplexity and pyllama's benchmark.
 
-A saved checkpoint (`quant.save`/`quant.load`) is loaded instead of quantizing again; `quant.wbits=0`
-evaluates the dense model.
+A saved checkpoint (`quant.save`/`quant.load`) is loaded instead of quantizing again.
 
     python scripts/quantize.py --config=configs/smollm2_135m_4bit.py
     python scripts/quantize.py --config=configs/smollm2_135m_4bit.py --config.quant.nearest=True \\
         --config.quant.save=artifacts/smollm2_rtn4
-    python scripts/quantize.py --config=configs/smollm2_135m.py --config.quant.wbits=0 \\
-        --config.quant.eval=wikitext2 --config.quant.benchmark=128 --config.quant.check=True
 """
 from __future__ import annotations
 
@@ -29,6 +26,8 @@ def main(argv: list[str]) -> None:
     del argv
     c = _CONFIG.value
     c.quant = quant_config(**c.quant.to_dict())  # every quant field, defaults where the config has none
+    if not (c.quant.wbits or c.quant.load):
+        sys.exit("error: nothing to quantize: set --config.quant.wbits to 2, 3, 4 or 8 (or quant.load)")
     if c.quant.wbits:
         print(f"{c.model}: {recipe_from(c.quant).describe()}, calibration {c.quant.calibration}")
     report(load_or_quantize(c), c.quant)

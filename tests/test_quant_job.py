@@ -1,4 +1,4 @@
-"""The quantization job from a config: quantize, save, reload, and `scripts/quantize.py` on the result."""
+"""The quantization job from a config: quantize, save, reload, and `scripts/eval_ppl.py` on the result."""
 from __future__ import annotations
 
 import os
@@ -39,7 +39,7 @@ def test_job_quantizes_saves_reloads_and_evaluates(tmp_path, data_dir):
     np.testing.assert_allclose(np.asarray(reloaded.module(x)[0]), want, atol=2e-4, rtol=0)
 
     expected = pj.perplexity(reloaded, wiki, seqlen=64, max_windows=2, progress=False).perplexity
-    out = subprocess.run([sys.executable, "scripts/quantize.py", "--config=configs/smollm2_135m.py",
+    out = subprocess.run([sys.executable, "scripts/eval_ppl.py", "--config=configs/smollm2_135m.py",
                           f"--config.quant.load={folder}", f"--config.quant.eval={wiki}",
                           "--config.quant.seqlen=64", "--config.quant.eval_windows=2"],
                          cwd=REPO, capture_output=True, text=True, timeout=600)
