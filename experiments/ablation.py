@@ -31,6 +31,7 @@ from pyllama_jax.quant.calibrate import CalibrationConfig, quantize_gptq, quanti
 from pyllama_jax.quant.recipe import QuantRecipe  # noqa: E402
 
 RESULTS = os.path.join(REPO, "experiments", "results")
+SPREAD = os.path.join(RESULTS, "spread")  # gptq_spread.py's reruns: <cell key>-<variant>.json
 WIKI = "wikitext-2-raw/wiki.test.raw"
 CALIBRATION = {"gutenberg": "gutenberg/pride_and_prejudice.txt", "wiki-tail": WIKI + "@640000:"}
 # ../shared/reference/gptq-smollm2.md: (recipe fields, calibration) -> reference perplexity
@@ -154,7 +155,8 @@ def _write(path: str, text: str) -> None:
 def report() -> None:
     """Rebuild reference.md, sweep.md, ablation.csv and ablation.png from the finished cells."""
     folder = os.path.join(RESULTS, "cells")
-    rows = [json.load(open(os.path.join(folder, f))) for f in sorted(os.listdir(folder)) if f.endswith(".json")]
+    rows = [dict(json.load(open(os.path.join(folder, f))), key=f.removesuffix(".json"))
+            for f in sorted(os.listdir(folder)) if f.endswith(".json")]
     _write_reference(rows)
     _write_sweep(rows)
     fields = ["label", "calibration", "nsamples", "windows", "perplexity", "bits_per_weight", "quant_seconds",
@@ -169,6 +171,14 @@ def report() -> None:
                         f"{r['quant_seconds']:.1f}", f"{r['eval_seconds']:.1f}"])
     os.replace(tmp, os.path.join(RESULTS, "ablation.csv"))
     _plot(rows)
+
+
+def reruns(key: str) -> dict[str, float]:
+    """Perplexity of each `gptq_spread.py` rerun of cell `key` (same mathematics, other rounding), by variant."""
+    names = sorted(os.listdir(SPREAD)) if os.path.isdir(SPREAD) else []
+    found = [(f.removesuffix(".json").partition("-")[2], os.path.join(SPREAD, f)) for f in names
+             if f.endswith(".json") and f.startswith(key + "-")]
+    return {variant: json.load(open(path))["perplexity"] for variant, path in found}
 
 
 def _find(rows, fields, calib, windows):
@@ -186,28 +196,35 @@ def _write_reference(rows) -> None:
     lines = ["# SmolLM2-135M-Instruct on WikiText-2 (first 128 windows of 512): ours vs the reference", "",
              "Reference: `../shared/reference/gptq-smollm2.md` (IST-DASLab GPTQ in PyTorch). Ours: "
              "`experiments/ablation.py --grid=reference`, 128 calibration windows of 512, seed 0.", "",
-             "| setting | calibration | reference | ours | difference | our quantization time |",
-             "|---|---|---|---|---|---|"]
+             "Reruns: `gptq_spread.py` repeats a GPTQ cell in variants that compute the same mathematics "
+             "(calibration order, batch size, transformers' tokenizer ids); the mean is over the run and its reruns.",
+             "", "| setting | calibration | reference | ours | difference | ours, all runs: mean (min - max, runs) "
+             "| mean against reference | our quantization time |", "|---|---|---|---|---|---|---|---|"]
     for fields, calib, ref in REFERENCE:
         r = _find(rows, fields, calib, 128)
         label = "FP32" if fields is None else QuantRecipe(**fields).describe()
         if r is None:
-            lines.append(f"| {label} | {calib or '-'} | {ref:.2f} | not run | | |")
+            lines.append(f"| {label} | {calib or '-'} | {ref:.2f} | not run | | | | |")
             continue
         qt = f"{r['quant_seconds']:.0f} s" if fields else "-"
+        runs = [r["perplexity"], *reruns(r["key"]).values()]
+        mean = float(np.mean(runs))
+        spread = (f"{mean:.2f} ({min(runs):.2f} - {max(runs):.2f}, {len(runs)}) | {100 * (mean / ref - 1):+.2f}%"
+                  if len(runs) > 1 else "- | -")
         lines.append(f"| {label} | {calib or '-'} | {ref:.2f} | {r['perplexity']:.2f} | "
-                     f"{100 * (r['perplexity'] / ref - 1):+.2f}% | {qt} |")
+                     f"{100 * (r['perplexity'] / ref - 1):+.2f}% | {spread} | {qt} |")
     lines += ["", "## Beyond the reference (same protocol)", "",
-              "| setting | calibration | calibration samples | perplexity | its reference-protocol row (ours) |",
-              "|---|---|---|---|---|"]
+              "| setting | calibration | calibration samples | perplexity | its reference-protocol row, ours: "
+              "mean (min - max of runs) |", "|---|---|---|---|---|"]
     for fields, calib in BEYOND:
         r = _find(rows, fields, calib, 128)
-        base_fields = {k: v for k, v in fields.items() if k not in ("act_order", "mse", "nsamples")}
-        base = _find(rows, base_fields, calib, 128)
         if r is None:
             continue
-        lines.append(f"| {QuantRecipe(**fields).describe()} | {calib or '-'} | {fields.get('nsamples', 128) if calib else '-'} | "
-                     f"{r['perplexity']:.2f} | {base['perplexity']:.2f} |" if base else " |")
+        base = _find(rows, {k: v for k, v in fields.items() if k not in ("act_order", "mse", "nsamples")}, calib, 128)
+        runs = [base["perplexity"], *reruns(base["key"]).values()] if base else []
+        baseline = f"{np.mean(runs):.2f} ({min(runs):.2f} - {max(runs):.2f})" if runs else "-"
+        lines.append(f"| {QuantRecipe(**fields).describe()} | {calib or '-'} | "
+                     f"{fields.get('nsamples', 128) if calib else '-'} | {r['perplexity']:.2f} | {baseline} |")
     _write(os.path.join(RESULTS, "reference.md"), "\n".join(lines) + "\n")
 
 

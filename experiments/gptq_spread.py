@@ -24,12 +24,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from ablation import CALIBRATION, REFERENCE, RESULTS, Cell, _write, cell_calibration, cells_for, run_cell  # noqa: E402
+from ablation import (CALIBRATION, REFERENCE, RESULTS, SPREAD, Cell, _write, cell_calibration, cells_for,  # noqa: E402
+                      reruns, run_cell)
 
 from pyllama_jax.data.text import calibration_windows, data_dir, load_text  # noqa: E402
 
 VARIANTS = ("order1", "order2", "batch4", "hf-ids")  # the default set; any order<seed> or batch<n> works
-SPREAD = os.path.join(RESULTS, "spread")
 
 
 def hf_calibration(cell: Cell) -> np.ndarray:
@@ -67,25 +67,26 @@ def variant_name(text: str) -> str:
 def report() -> None:
     """gptq_spread.md: every reference row that has reruns, its runs side by side."""
     cells = cells_for("reference", 128, 128)
-    runs = [f.removesuffix(".json").split("-", 1) for f in sorted(os.listdir(SPREAD)) if f.endswith(".json")]
-    variants = sorted({v for _, v in runs}, key=lambda v: (v == "hf-ids", v))
-    rows = [i for i, c in enumerate(cells) if c.calibration and any(k == c.key for k, _ in runs)]
+    found = {i: reruns(c.key) for i, c in enumerate(cells) if c.calibration}
+    found = {i: runs for i, runs in found.items() if runs}
+    variants = sorted({v for runs in found.values() for v in runs}, key=lambda v: (v == "hf-ids", v))
     lines = ["# GPTQ run-to-run spread from floating-point rounding alone", "",
              "`experiments/gptq_spread.py`: each reference row rerun in variants that compute the same mathematics "
-             "(shuffled calibration order, batch size 4, transformers' tokenizer ids). WikiText-2, first 128 windows "
-             "of 512, 128 calibration windows, seed 0.", "",
+             "(`order<seed>`: calibration windows shuffled, so each Hessian sums the same terms in another order; "
+             "`batch<n>`: activations computed n windows at a time; `hf-ids`: windows cut from transformers' "
+             "tokenizer's ids, the reference's exact input). WikiText-2, first 128 windows of 512, 128 "
+             "calibration windows, seed 0.", "",
              "| setting | calibration | reference | ours (ablation.py) | " + " | ".join(variants) +
-             " | min - max | mean | reference against mean |", "|---|---|---|---|" + "---|" * len(variants) + "---|---|---|"]
-    for i in rows:
+             " | min - max | mean | mean against reference |", "|---|---|---|---|" + "---|" * len(variants) + "---|---|---|"]
+    for i, runs in found.items():
         cell, (_, calib, ref) = cells[i], REFERENCE[i]
-        found = [os.path.join(RESULTS, "cells", f"{cell.key}.json")] + \
-            [os.path.join(SPREAD, f"{cell.key}-{v}.json") for v in variants]
-        ppl = [json.load(open(f))["perplexity"] if os.path.exists(f) else None for f in found]
+        ppl = [json.load(open(os.path.join(RESULTS, "cells", f"{cell.key}.json")))["perplexity"]] + \
+            [runs.get(v) for v in variants]
         done = [p for p in ppl if p is not None]
         lo, hi, mean = min(done), max(done), float(np.mean(done))
         lines.append(f"| {cell.label()} | {calib} | {ref:.2f} | " +
                      " | ".join("-" if p is None else f"{p:.2f}" for p in ppl) +
-                     f" | {lo:.2f} - {hi:.2f} ({100 * (hi / lo - 1):.1f}%) | {mean:.2f} | {100 * (ref / mean - 1):+.1f}% |")
+                     f" | {lo:.2f} - {hi:.2f} ({100 * (hi / lo - 1):.1f}%) | {mean:.2f} | {100 * (mean / ref - 1):+.1f}% |")
     _write(os.path.join(RESULTS, "gptq_spread.md"), "\n".join(lines) + "\n")
 
 
