@@ -10,6 +10,7 @@ For each block and linear we print the share of weights that differ and their re
 difference; with `--eval` the PyTorch-quantized model's perplexity is measured as well.
 
     PYLLAMA_DATA_DIR=../shared/data python experiments/gptq_parity.py --cell=37d1b6dd5cc7 --blocks=3
+    python experiments/gptq_parity.py --cell=37d1b6dd5cc7 --blocks=30 --eval --order-seed=1  # a PyTorch rerun
 """
 from __future__ import annotations
 
@@ -74,6 +75,8 @@ def main() -> None:
     p.add_argument("--blocks", type=int, default=3, help="blocks to quantize and compare")
     p.add_argument("--calibration", default="wikitext-2-raw/wiki.test.raw@640000:")
     p.add_argument("--eval", action="store_true", help="also measure the PyTorch-quantized model's perplexity")
+    p.add_argument("--order-seed", type=int, help="shuffle the calibration windows (a rerun that differs only in "
+                   "float rounding, as gptq_spread.py's order<seed>)")
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     import pyllama_jax as pj
@@ -86,6 +89,8 @@ def main() -> None:
     tok = pj.load("smollm2-135m").tokenizer
     calib = calibration_windows(corpus_ids(tok, os.path.join(data_dir(), args.calibration)), 128, 512, 0)
     assert int(calib.astype(np.int64).sum()) == settings["calibration_checksum"], "other calibration windows"
+    if args.order_seed is not None:
+        calib = calib[np.random.default_rng(args.order_seed).permutation(len(calib))]
     hf = hf_model()
     pos = torch.arange(512)[None]
     with torch.no_grad():
