@@ -103,7 +103,7 @@ def load(path_or_name: str, dtype: str | None = None, param_dtype: str | None = 
 def load_from_config(c: Any, mesh: Mesh | None = None) -> Model:
     """A job config's model: dense, or quantized (`quant.wbits`/`quant.load`: the saved checkpoint,
     else quantized now and saved), sharded over `mesh` when given."""
-    if not (c.quant.wbits or c.quant.get("load")):
+    if not (c.quant.wbits or c.quant.load):
         return load(c.model, dtype=c.dtype, param_dtype=c.param_dtype, mesh=mesh)
     from pyllama_jax.quant.recipe import load_or_quantize
 

@@ -18,7 +18,7 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pyllama_jax.eval.perplexity import report  # noqa: E402
-from pyllama_jax.quant.recipe import load_or_quantize, quant_config  # noqa: E402
+from pyllama_jax.quant.recipe import load_or_quantize  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/smollm2_135m_4bit.py", "job configuration file")
 
@@ -26,7 +26,6 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/smollm2_135m_4bit.p
 def main(argv: list[str]) -> None:
     del argv
     c = _CONFIG.value
-    c.quant = quant_config(**c.quant.to_dict())  # every quant field, defaults where the config has none
     if not c.quant.eval:
         sys.exit("error: no corpus to evaluate: set --config.quant.eval=wikitext2 (or ptb, c4, a local file)")
     report(load_or_quantize(c), c.quant)

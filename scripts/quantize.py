@@ -16,7 +16,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pyllama_jax.quant.recipe import load_or_quantize, quant_config, recipe_from  # noqa: E402
+from pyllama_jax.quant.recipe import load_or_quantize, recipe_from  # noqa: E402
 from pyllama_jax.eval.perplexity import report  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/smollm2_135m_4bit.py", "job configuration file")
@@ -25,7 +25,6 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/smollm2_135m_4bit.p
 def main(argv: list[str]) -> None:
     del argv
     c = _CONFIG.value
-    c.quant = quant_config(**c.quant.to_dict())  # every quant field, defaults where the config has none
     if not (c.quant.wbits or c.quant.load):
         sys.exit("error: nothing to quantize: set --config.quant.wbits to 2, 3, 4 or 8 (or quant.load)")
     if c.quant.wbits:

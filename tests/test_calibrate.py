@@ -1,7 +1,6 @@
 """The layer-by-layer GPTQ driver against a plain one, resuming, and GPTQ vs RTN on real SmolLM2 layers."""
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ from pyllama_jax.model.llama import init_model
 from pyllama_jax.quant import packing
 from pyllama_jax.quant.calibrate import SEQUENTIAL, CalibrationConfig, quantize_gptq
 from pyllama_jax.quant.gptq import HessianAccumulator, gptq_quantize
-from pyllama_jax.quant.qlinear import LAYER_LINEARS, get_module, quantized_linears, set_linear
+from pyllama_jax.quant.qlinear import get_module, quantized_linears, set_linear
 from pyllama_jax.quant.rtn import QuantSpec, rtn_quantize
 
 SPEC = QuantSpec(bits=3, groupsize=16)

@@ -1,7 +1,6 @@
 """Perplexity protocol on real data (SmolLM2 + WikiText-2) against HF transformers' PyTorch model."""
 import os
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

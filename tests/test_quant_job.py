@@ -24,7 +24,7 @@ def test_job_quantizes_saves_reloads_and_evaluates(tmp_path, data_dir):
     c.quant = quant_config(wbits=3, groupsize=64, calibration=wiki + "@640000:700000", nsamples=2, seqlen=64,
                            save=str(folder), eval=(wiki,), eval_windows=2)
     made = load_or_quantize(c)
-    assert sorted(os.listdir(folder)) and not os.path.exists(folder / "resume")
+    assert os.listdir(folder) and not os.path.exists(folder / "resume")
 
     # the same GPTQ run done by hand: windows drawn from the slice with the model's tokenizer
     by_hand = pj.load("smollm2-135m")

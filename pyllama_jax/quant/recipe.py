@@ -97,7 +97,7 @@ def load_or_quantize(c: Any) -> Any:
     from pyllama_jax.quant.checkpoint import is_quantized_checkpoint, load_autogptq, load_quantized, save_quantized
     from pyllama_jax.quant.qlinear import set_kernel
 
-    q = quant_config(**c.quant.to_dict())  # a config's own quant section may hold only some fields
+    q = c.quant
     folder = os.path.expanduser(q.load or q.save)
     if folder and os.path.isfile(os.path.join(folder, "quantize_config.json")):
         module, _, tokenizer = load_autogptq(folder)

@@ -11,7 +11,7 @@ import pyllama_jax as pj
 from pyllama_jax.convert import hf, meta, native
 from pyllama_jax.data import alpaca
 from pyllama_jax.model.params import named_tensors
-from pyllama_jax.quant.recipe import quant_config, quantize, recipe_from
+from pyllama_jax.quant.recipe import quantize, recipe_from
 from pyllama_jax.sharding import mesh as mesh_lib
 from pyllama_jax.sharding import place
 from pyllama_jax.train import lora, tiny
@@ -27,14 +27,14 @@ RESUMABLE_FIELDS = ("workdir", "save_every", "keep", "eval_every", "sample_every
 def load_model(c: ml_collections.ConfigDict, mesh: Mesh | None) -> pj.Model:
     """The job's model: `pj.load_from_config` (dense; or, for QLoRA, quantized: a saved quantized
     checkpoint or quantized now), or `random:<preset>` (quantized too when `quant.wbits > 0`)."""
-    if not c.train.lora and (c.quant.wbits or c.quant.get("load")):
-        raise ValueError(f"quant.wbits={c.quant.wbits} / quant.load={c.quant.get('load', '')!r} with "
+    if not c.train.lora and (c.quant.wbits or c.quant.load):
+        raise ValueError(f"quant.wbits={c.quant.wbits} / quant.load={c.quant.load!r} with "
                          "train.lora=False: packed quantized weights cannot be fully fine-tuned; set "
                          "train.lora=True (QLoRA) or quant.wbits=0")
     if not c.model.startswith(tiny.PREFIX):
         return pj.load_from_config(c, mesh)
     loaded = tiny.random_model(c.model, c.train.seed, dtype=c.dtype, param_dtype=c.param_dtype)
-    return quantize(loaded, recipe_from(quant_config(**c.quant.to_dict()))) if c.quant.wbits else loaded
+    return quantize(loaded, recipe_from(c.quant)) if c.quant.wbits else loaded
 
 
 def run_config(c: ml_collections.ConfigDict) -> dict[str, Any]:
