@@ -1,8 +1,10 @@
 """One tokenizer interface over sentencepiece `tokenizer.model`, HF `tokenizer.json` and GGUF vocabularies."""
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 from typing import Any, Sequence
 
 # GGUF `tokenizer.ggml.pre` -> the digit handling that model's own tokenizer.json applies before
@@ -29,16 +31,51 @@ class Tokenizer:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, bos: bool | None = None, eos: bool = False) -> list[int]:
-        """Token ids of `text`; `bos` defaults to what the model expects."""
+        """Token ids of `text`, with special tokens written in it (e.g. by a chat template) read as such.
+
+        `bos=None` prepends the BOS if the tokenizer adds one (`add_bos`) and `text` does not already start
+        with it, so a rendered chat gets the ids of transformers' `apply_chat_template(tokenize=True)`.
+        """
         if self.kind == "sentencepiece":
-            ids = list(self.backend.encode(text))
+            ids = self._sentencepiece_ids(text)
         else:
             ids = self.backend.encode(text, add_special_tokens=False).ids
-        if (self.add_bos if bos is None else bos) and self.bos_id is not None:
+        if bos is None:
+            bos = self.add_bos and ids[:1] != [self.bos_id]
+        if bos and self.bos_id is not None:
             ids = [self.bos_id] + ids
         if eos and self.eos_id is not None:
             ids = ids + [self.eos_id]
         return ids
+
+    def _sentencepiece_ids(self, text: str) -> list[int]:
+        """Split at special pieces written in `text`; as transformers' LlamaTokenizer (legacy=False) does,
+        only text at the very start gets sentencepiece's dummy-prefix space."""
+        parts = self._special_pieces.split(text)
+        if len(parts) == 1:
+            return list(self.backend.encode(text))
+        ids: list[int] = []
+        for i, part in enumerate(parts):  # odd indices: the special pieces the pattern captured
+            if i % 2:
+                ids.append(self.backend.piece_to_id(part))
+            elif part:
+                ids += (self.backend if i == 0 else self._no_dummy_prefix).encode(part)
+        return ids
+
+    @functools.cached_property
+    def _special_pieces(self) -> re.Pattern[str]:
+        sp = self.backend
+        pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size()) if sp.is_control(i) or sp.is_unknown(i)]
+        return re.compile("(" + "|".join(map(re.escape, sorted(pieces, key=len, reverse=True))) + ")")
+
+    @functools.cached_property
+    def _no_dummy_prefix(self) -> Any:
+        import sentencepiece
+        from sentencepiece import sentencepiece_model_pb2
+
+        proto = sentencepiece_model_pb2.ModelProto.FromString(self.backend.serialized_model_proto())
+        proto.normalizer_spec.add_dummy_prefix = False
+        return sentencepiece.SentencePieceProcessor(model_proto=proto.SerializeToString())
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         ids = [int(i) for i in ids]
@@ -53,13 +90,17 @@ class Tokenizer:
         if not self.chat_template:
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
             return text + ("assistant: " if add_generation_prompt else "")
-        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
-        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+        # Templates come with downloaded files: sandboxed, as transformers renders them.
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise
-        return env.from_string(self.chat_template).render(
-            messages=list(messages), add_generation_prompt=add_generation_prompt,
-            bos_token=self.token_text(self.bos_id), eos_token=self.token_text(self.eos_id))
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=list(messages), add_generation_prompt=add_generation_prompt,
+                bos_token=self.token_text(self.bos_id), eos_token=self.token_text(self.eos_id))
+        except SecurityError as e:
+            raise ValueError(f"{self.source}: the chat template tried something unsafe, refused: {e}") from None
 
     def token_text(self, token_id: int | None) -> str:
         if token_id is None:
@@ -73,8 +114,8 @@ def _raise(message: str) -> None:
     raise ValueError(f"chat template: {message}")
 
 
-def from_sentencepiece(path: str, chat_template: str | None = None) -> Tokenizer:
-    """LLaMA 1/2 `tokenizer.model`: BOS prepended, EOS ends generation."""
+def from_sentencepiece(path: str, chat_template: str | None = None, add_bos: bool = True) -> Tokenizer:
+    """LLaMA 1/2 `tokenizer.model`: BOS prepended (unless `add_bos=False`), EOS ends generation."""
     import sentencepiece
 
     if not os.path.isfile(path):
@@ -86,7 +127,7 @@ def from_sentencepiece(path: str, chat_template: str | None = None) -> Tokenizer
         raise ValueError(f"{path}: not a sentencepiece model ({e})") from e
     bos, eos = sp.bos_id(), sp.eos_id()
     return Tokenizer(sp, "sentencepiece", bos if bos >= 0 else None, eos if eos >= 0 else None,
-                     add_bos=True, chat_template=chat_template, source=path)
+                     add_bos=add_bos, chat_template=chat_template, source=path)
 
 
 def from_hf_folder(folder: str) -> Tokenizer:
@@ -104,7 +145,7 @@ def from_hf_folder(folder: str) -> Tokenizer:
     if not os.path.isfile(tj):
         sp = os.path.join(folder, "tokenizer.model")
         if os.path.isfile(sp):
-            return from_sentencepiece(sp, template)
+            return from_sentencepiece(sp, template, add_bos=cfg.get("add_bos_token", True))
         raise FileNotFoundError(f"{folder}: no tokenizer.json or tokenizer.model")
     from tokenizers import Tokenizer as HFTokenizer
 
@@ -119,10 +160,20 @@ def from_hf_folder(folder: str) -> Tokenizer:
         return tk.token_to_id(tok) if tok else None
 
     bos = token_id("bos_token")
-    return Tokenizer(tk, "hf", bos, token_id("eos_token"),
-                     add_bos=bool(cfg.get("add_bos_token", bos is not None and "llama" in str(
-                         cfg.get("tokenizer_class", "")).lower())),
-                     chat_template=template, source=tj)
+    if "add_bos_token" in cfg:  # transformers then rebuilds the post-processor from the flag
+        add_bos = bool(cfg["add_bos_token"])
+    elif tk.post_processor is not None:  # transformers keeps it: BOS as it adds one
+        added = _post_processor_bos(tk)
+        add_bos, bos = added is not None, bos if added is None else added
+    else:
+        add_bos = bos is not None and "llama" in str(cfg.get("tokenizer_class", "")).lower()
+    return Tokenizer(tk, "hf", bos, token_id("eos_token"), add_bos=add_bos, chat_template=template, source=tj)
+
+
+def _post_processor_bos(tk: Any) -> int | None:
+    """The special token a tokenizer.json's post-processor puts before the text (LLaMA-3's BOS), if any."""
+    enc = tk.encode("a")
+    return enc.ids[0] if enc.special_tokens_mask[:1] == [1] else None
 
 
 def from_gguf(fields: dict[str, Any], source: str) -> Tokenizer:
