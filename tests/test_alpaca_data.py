@@ -67,6 +67,11 @@ def test_missing_file_and_bad_options_are_clear(tmp_path):
         alpaca.load_examples(str(tmp_path / "nope.jsonl"), on_error="ignore")
 
 
+def test_directory_as_data_file_is_named_as_such(tmp_path):
+    with pytest.raises(IsADirectoryError, match=f"{tmp_path}: is a directory; expected a .json or .jsonl file"):
+        alpaca.load_examples(str(tmp_path))
+
+
 def test_alpaca_prompt_templates_match_stanford_alpaca():
     with_input = alpaca.prompt_text(alpaca.Example("Add.", "2 and 3", "5"), TOK)
     assert with_input == ("Below is an instruction that describes a task, paired with an input that provides "

@@ -82,6 +82,9 @@ def load_examples(source: str, on_error: str = "raise") -> list[Example]:
     if os.path.isfile(path):
         records = _read_json_list(path) if path.endswith(".json") else _read_jsonl(path)
     elif source.startswith((".", "/", "~")) or source.endswith((".json", ".jsonl")):
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"{source}: is a directory; expected a .json or .jsonl file of "
+                                    "Alpaca records")
         raise FileNotFoundError(f"data file not found: {source}")
     else:
         records = _read_hf_dataset(source)
