@@ -59,12 +59,28 @@ def test_driver_matches_plain_gptq_loop(tmp_path):
                                    np.asarray(get_module(plain, name).kernel[...]), atol=1e-5)
 
 
-def test_resume_continues_after_last_saved_block(tmp_path):
-    config = preset("tiny")
+def test_resume_continues_at_first_unfinished_block(tmp_path, monkeypatch):
+    """Killed during block 2 of 4: the rerun solves only blocks 2 and 3 and ends as an uninterrupted run."""
+    import pyllama_jax.quant.calibrate as calibrate
+
+    config = preset("tiny", n_layers=4)
     ids = np.random.default_rng(1).integers(0, config.vocab_size, size=(4, 16))
-    full = quantize_gptq(init_model(config, seed=2), ids, SPEC, config=CalibrationConfig(2, str(tmp_path)))
-    os.remove(tmp_path / "block001.safetensors")  # as if stopped during block 1
+    full = quantize_gptq(init_model(config, seed=2), ids, SPEC, config=CalibrationConfig(2))
+    solved, killed = [], []
+
+    def solve(w, h, spec, gptq, name):
+        if name.startswith("layers.2.") and not killed:
+            killed.append(name)
+            raise KeyboardInterrupt  # the first run is killed here
+        solved.append(name)
+        return gptq_quantize(w, h, spec, gptq, name)
+
+    monkeypatch.setattr(calibrate, "gptq_quantize", solve)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_gptq(init_model(config, seed=2), ids, SPEC, config=CalibrationConfig(2, str(tmp_path)))
+    solved.clear()
     resumed = quantize_gptq(init_model(config, seed=2), ids, SPEC, config=CalibrationConfig(2, str(tmp_path)))
+    assert sorted(solved) == sorted(f"layers.{i}.{p}" for i in (2, 3) for g in SEQUENTIAL for p in g)
     probe = jnp.asarray(ids[:1])
     np.testing.assert_array_equal(np.asarray(resumed(probe)[0]), np.asarray(full(probe)[0]))
     with pytest.raises(ValueError, match="settings.json: this folder holds a run with other settings"):

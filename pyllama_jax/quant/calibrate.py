@@ -5,8 +5,9 @@ each block the groups `[k, v, q] -> [o] -> [up, gate] -> [down]` are quantized i
 the Hessian of its inputs as produced by the already-quantized parts of the block, and the
 quantized block's outputs feed the next block. A block's stages are computed piecewise
 (`x + attn(norm(x))`, then `h + mlp(norm(h))`), so each block runs about once per sample. Only the
-current block and the activations are put on the device. With `resume_dir`, every finished block
-is saved and a rerun continues after the last one.
+current block and the activations are put on the device. With `resume_dir`, every finished block's
+packed weights are saved with the next block's inputs, and a rerun continues at the first unfinished
+block.
 """
 from __future__ import annotations
 
@@ -132,9 +133,10 @@ def _resume_point(model: Llama, settings: dict, folder: str) -> tuple[int, np.nd
     else:
         _write_json(meta, settings)
     done, x = 0, None
-    while os.path.exists(os.path.join(folder, f"block{done:03d}.safetensors")) and \
-            os.path.exists(os.path.join(folder, f"inputs{done + 1:03d}.npy")):
+    while os.path.exists(os.path.join(folder, f"block{done:03d}.safetensors")):
         done += 1
+    while done and not os.path.exists(os.path.join(folder, f"inputs{done:03d}.npy")):
+        done -= 1  # only the inputs of the first unfinished block are kept
     for i in range(done):
         for path, qw in load_quant_weights(os.path.join(folder, f"block{i:03d}.safetensors")).items():
             set_linear(model.layers[i], path, QuantLinear(qw, get_module(model.layers[i], path).dtype))
@@ -152,13 +154,14 @@ def _write_json(path: str, obj: dict) -> None:
 
 
 def _save_block(folder: str, i: int, layer: Block, x_next: np.ndarray) -> None:
+    """Save block `i` and the next block's inputs, then drop block `i`'s inputs (no longer needed)."""
     from pyllama_jax.quant.checkpoint import save_quant_weights
 
-    save_quant_weights(os.path.join(folder, f"block{i:03d}.safetensors"),
-                       {p: get_module(layer, p).weight for p in LAYER_LINEARS})
     tmp = os.path.join(folder, f"inputs{i + 1:03d}.tmp.npy")
     np.save(tmp, x_next)
     os.replace(tmp, os.path.join(folder, f"inputs{i + 1:03d}.npy"))
+    save_quant_weights(os.path.join(folder, f"block{i:03d}.safetensors"),
+                       {p: get_module(layer, p).weight for p in LAYER_LINEARS})
     stale = os.path.join(folder, f"inputs{i:03d}.npy")
     if os.path.exists(stale):
         os.remove(stale)
