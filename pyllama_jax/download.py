@@ -9,7 +9,9 @@ URL that the path is appended to.
 
 Each file is written to ``NAME.part`` (resumed with an HTTP Range request, also across runs), checked
 against the md5 checklist, and only then renamed to ``NAME``; a mismatch is fetched once more from scratch.
-Stalls hit a read timeout and are retried with exponential backoff; files run in a thread pool.
+A checklist is parsed before it gets its final name. Stalls hit a read timeout and are retried with
+exponential backoff; files run on daemon threads, so Ctrl-C exits at once. A folder that cannot be written
+(read-only, a file, a full disk) stops the run with one FolderError naming the path.
 
 ``--hf REPO_ID`` hands the job to ``huggingface_hub.snapshot_download`` (token from ``HF_TOKEN`` or the saved
 login, mirror from ``HF_ENDPOINT``). tests/test_download.py exercises both paths against local HTTP servers,
@@ -18,6 +20,7 @@ the Hugging Face one by pointing ``HF_ENDPOINT`` at a stand-in for the few Hub e
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import http.client
 import os
@@ -30,11 +33,10 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeVar
 
 from tqdm import tqdm
 
@@ -45,13 +47,22 @@ _MD5 = re.compile(r"[0-9a-fA-F]{32}")
 _RETRY_HTTP = {408, 425, 429, 500, 502, 503, 504}
 # Failures worth another attempt: refused/reset connections, stalls (TimeoutError), short bodies.
 _TRANSIENT = (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException)
+# OSErrors of the local disk, as opposed to the network's.
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EEXIST, errno.ENOTDIR,
+                errno.EISDIR}
 CHUNK = 1 << 20
 
 FreeSpace = Callable[[Path], int]
+Verify = Callable[[Path], "str | None"]  # what is wrong with a downloaded file, None if nothing
+T, R = TypeVar("T"), TypeVar("R")
 
 
 class DownloadError(RuntimeError):
     """A file could not be fetched or verified, or the run cannot start; the message says which and why."""
+
+
+class FolderError(DownloadError):
+    """The download folder cannot be written (read-only, a file, a full disk); the message names the path."""
 
 
 class _Incomplete(ConnectionError):
@@ -132,14 +143,20 @@ def _redact(url: str) -> str:
 
 def read_checklist(path: Path) -> dict[str, str]:
     """Parse md5sum output (``<md5>  <name>`` or ``<md5> *<name>`` per line) into {name: md5}."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DownloadError(f"{path}: not a text checklist ({e.reason} at byte {e.start})") from e
     sums = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         parts = line.split(maxsplit=1)
         if not parts:
             continue
         if len(parts) != 2 or not _MD5.fullmatch(parts[0]):
             raise DownloadError(f"{path}, line {n}: expected '<md5>  <filename>', got {line!r}")
         sums[parts[1].lstrip("*")] = parts[0].lower()
+    if not sums:
+        raise DownloadError(f"{path}: empty checklist")
     return sums
 
 
@@ -148,12 +165,72 @@ def md5sum(path: Path) -> str:
         return hashlib.file_digest(f, "md5").hexdigest()
 
 
-def free_bytes(folder: Path) -> int:
-    """Free space on the disk holding ``folder`` (or its nearest existing parent)."""
+def _existing(folder: Path) -> Path:
+    """``folder``, or its nearest existing parent."""
     path = folder.absolute()
     while not path.exists():
         path = path.parent
-    return shutil.disk_usage(path).free
+    return path
+
+
+def free_bytes(folder: Path) -> int:
+    """Free space on the disk holding ``folder`` (or its nearest existing parent)."""
+    return shutil.disk_usage(_existing(folder)).free
+
+
+def check_folder(folder: Path) -> None:
+    """Raise FolderError unless ``folder`` is, or can be made, a writable folder."""
+    path = _existing(Path(folder))
+    if not path.is_dir():
+        raise FolderError(f"{path} is a file, not a folder: choose another download folder")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise FolderError(f"cannot write to {path}: permission denied or a read-only disk")
+
+
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Re-raise the local disk's errors (read-only, a file in the way, full) as FolderError naming ``path``."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _DISK_ERRNOS:
+            raise
+        raise FolderError(f"cannot write {path}: {e.strerror} (once fixed, rerun to resume)") from e
+
+
+def _parallel(fn: Callable[[T], R], items: Sequence[T], workers: int, cancelled: threading.Event) -> list[R]:
+    """``[fn(x) for x in items]`` on up to ``workers`` daemon threads, which stop taking items once
+    ``cancelled`` is set. The first error, or a Ctrl-C of the waiting caller, sets it and is raised at once:
+    threads stuck in a network read are not waited for (they end with their read timeout, or the process)."""
+    results: list[Any] = [None] * len(items)
+    todo: queue.SimpleQueue[int] = queue.SimpleQueue()
+    for i in range(len(items)):
+        todo.put(i)
+    done: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
+
+    def work() -> None:
+        while not cancelled.is_set():
+            try:
+                i = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                results[i] = fn(items[i])
+            except BaseException as e:  # handed to the caller's thread
+                done.put(e)
+                return
+            done.put(None)
+
+    for _ in range(min(workers, len(items))):
+        threading.Thread(target=work, daemon=True).start()
+    try:
+        for _ in items:
+            if (error := done.get()) is not None:
+                raise error
+    except BaseException:
+        cancelled.set()
+        raise
+    return results
 
 
 def _size(n: int | None) -> str:
@@ -230,7 +307,7 @@ def _stream(url: str, part: Path, timeout: float, bar: tqdm, transfer: _Transfer
         total = start + int(length) if length and length.isdigit() else None
         bar.reset(total=total)
         bar.update(start)
-        with open(part, "ab" if start else "wb") as f:
+        with _writing(part), open(part, "ab" if start else "wb") as f:
             while chunk := resp.read1(CHUNK):  # read1: bytes that arrived before a stall are kept
                 f.write(chunk)
                 transfer.advance(bar, len(chunk))
@@ -256,28 +333,46 @@ def _retrying(action: Callable[[], None], rel: str, url: str, retries: int, back
     raise DownloadError(f"{rel}: gave up after {retries} attempts, last error: {error!r} ({_redact(url)})")
 
 
-def _fetch(url: str, dest: Path, md5: str | None, *, rel: str, timeout: float, retries: int, backoff: float,
-          transfer: _Transfer) -> bool:
-    """Make ``dest`` a verified copy of ``url``; return False if it already was (nothing fetched).
+def _md5_problem(md5: str) -> Verify:
+    """A ``verify`` for ``_fetch``: what is wrong with a file that should have this md5, or None."""
+    def problem(path: Path) -> str | None:
+        got = md5sum(path)
+        return None if got == md5 else f"md5 {got} does not match the checklist's {md5}"
+    return problem
 
-    Without ``md5`` an existing ``dest`` counts as complete (it only ever appears by rename).
+
+def _checklist_problem(path: Path) -> str | None:
+    """A ``verify`` for ``_fetch``: why ``path`` is not a checklist, or None."""
+    try:
+        read_checklist(path)
+    except DownloadError as e:
+        return str(e)
+    return None
+
+
+def _fetch(url: str, dest: Path, verify: Verify, *, rel: str, timeout: float, retries: int, backoff: float,
+           transfer: _Transfer) -> bool:
+    """Make ``dest`` a copy of ``url`` that ``verify`` finds no problem with; return False if it already was.
+
+    A ``.part`` file gets the final name only once verified.
     """
-    if dest.exists() and (md5 is None or md5sum(dest) == md5):
+    if dest.exists() and verify(dest) is None:
         return False
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    with _writing(dest.parent):
+        dest.parent.mkdir(parents=True, exist_ok=True)
     part = _part(dest)
     with transfer.file_bar(rel) as bar:
-        for fresh in (False, True):  # resume whatever .part holds; on a bad md5 start over once
+        for fresh in (False, True):  # resume whatever .part holds; if it fails verification start over once
             if fresh:
                 part.unlink(missing_ok=True)
             _retrying(lambda: _stream(url, part, timeout, bar, transfer), rel, url, retries, backoff,
                       transfer.cancelled)
-            got = md5sum(part) if md5 else None
-            if got == md5:
-                os.replace(part, dest)
+            if (problem := verify(part)) is None:
+                with _writing(dest):
+                    os.replace(part, dest)
                 return True
     part.unlink()
-    raise DownloadError(f"{rel}: md5 {got} does not match the checklist's {md5}, also after a fresh download")
+    raise DownloadError(f"{rel}: {problem}, also after a fresh download")
 
 
 def plan(base_url: str, folder: Path, models: Sequence[str], *, timeout: float = 30.0,
@@ -286,6 +381,7 @@ def plan(base_url: str, folder: Path, models: Sequence[str], *, timeout: float =
     if urllib.parse.urlsplit(base_url).scheme not in ("http", "https"):
         raise DownloadError(f"the download URL must start with http:// or https://, got {_redact(base_url)!r}")
     folder = Path(folder)
+    check_folder(folder)
 
     def item(rel: str) -> Item:
         dest, part = folder / rel, _part(folder / rel)
@@ -295,8 +391,7 @@ def plan(base_url: str, folder: Path, models: Sequence[str], *, timeout: float =
         return Item(rel, remote_size(file_url(base_url, rel), timeout), local)
 
     rels = [rel for g in meta_layout(models) for rel in (g.checklist, *g.files)]
-    with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(item, rels))
+    return _parallel(item, rels, workers, threading.Event())
 
 
 def check_space(folder: Path, items: Sequence[Item], free_space: FreeSpace = free_bytes) -> None:
@@ -312,8 +407,8 @@ def download(base_url: str, folder: Path, models: Sequence[str], *, workers: int
              free_space: FreeSpace = free_bytes) -> Summary:
     """Fetch and verify ``models`` (plus tokenizer) from ``base_url`` into ``folder``.
 
-    Raises DownloadError before fetching anything if the disk lacks room; per-file failures land in the
-    returned Summary and leave the other files complete.
+    Raises DownloadError before fetching anything if the disk lacks room, FolderError if the folder cannot be
+    written; other per-file failures land in the returned Summary and leave the other files complete.
     """
     folder, groups = Path(folder), meta_layout(models)
     items = plan(base_url, folder, models, timeout=timeout, workers=workers)
@@ -321,16 +416,18 @@ def download(base_url: str, folder: Path, models: Sequence[str], *, workers: int
     summary = Summary()
     transfer = _Transfer(sum(i.needed for i in items), workers, progress)
 
-    def task(rel: str, md5: str | None) -> None:
+    def task(rel: str, verify: Verify) -> None:
         try:
-            fetched = _fetch(file_url(base_url, rel), folder / rel, md5, rel=rel, timeout=timeout, retries=retries,
-                            backoff=backoff, transfer=transfer)
+            fetched = _fetch(file_url(base_url, rel), folder / rel, verify, rel=rel, timeout=timeout,
+                             retries=retries, backoff=backoff, transfer=transfer)
+        except FolderError:
+            raise
         except DownloadError as e:
             summary.failed[rel] = str(e)
         else:
             (summary.downloaded if fetched else summary.skipped).append(rel)
 
-    def data_jobs(group: Group) -> list[tuple[str, str]]:
+    def data_jobs(group: Group) -> list[tuple[str, Verify]]:
         if group.checklist in summary.failed:
             summary.failed.update({rel: f"{rel}: needs {group.checklist} to be verified" for rel in group.files})
             return []
@@ -344,19 +441,15 @@ def download(base_url: str, folder: Path, models: Sequence[str], *, workers: int
             if (md5 := sums.get(PurePosixPath(rel).name)) is None:
                 summary.failed[rel] = f"{rel}: not listed in {group.checklist}"
             else:
-                jobs.append((rel, md5))
+                jobs.append((rel, _md5_problem(md5)))
         return jobs
 
-    with ThreadPoolExecutor(workers) as pool:
-        try:
-            list(pool.map(lambda g: task(g.checklist, None), groups))
-            list(pool.map(lambda job: task(*job), [job for g in groups for job in data_jobs(g)]))
-        except KeyboardInterrupt:
-            transfer.cancelled.set()
-            pool.shutdown(cancel_futures=True)
-            raise
-        finally:
-            transfer.close()
+    try:
+        _parallel(lambda g: task(g.checklist, _checklist_problem), groups, workers, transfer.cancelled)
+        _parallel(lambda job: task(*job), [job for g in groups for job in data_jobs(g)], workers,
+                  transfer.cancelled)
+    finally:
+        transfer.close()
     return summary
 
 

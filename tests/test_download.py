@@ -6,11 +6,13 @@ stand-in for the four Hub endpoints snapshot_download calls.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -86,7 +88,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body[: len(body) // 2])
             self.wfile.flush()
             if fault == "stall":
-                srv.release.wait(10)
+                srv.stalling.set()
+                srv.release.wait(srv.stall_s)
             return
         self.wfile.write(body)
 
@@ -108,7 +111,8 @@ class FakeServer(ThreadingHTTPServer):
         self.files, self.missing, self.ranges = files, set(), True  # ranges=False: ignore Range, send it all
         self.faults: dict[str, list[str]] = {}
         self.log: list[tuple[str, str, str, str | None]] = []  # (method, rel, query, Range)
-        self.lock, self.release = threading.Lock(), threading.Event()
+        self.lock, self.release, self.stalling = threading.Lock(), threading.Event(), threading.Event()
+        self.stall_s = 10.0  # how long a "stall" fault keeps the connection silent
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
 
     def gets(self, rel: str | None = None) -> list[tuple[str, str, str, str | None]]:
@@ -270,6 +274,87 @@ def test_refuses_to_start_without_disk_space(server: FakeServer, tmp_path: Path,
     assert dl.main(["--model_size", "7B", "--folder", str(tmp_path / "new/dir"), "--url", server.url]) == 1
     assert "error: not enough disk space" in capsys.readouterr().err
     assert not server.gets() and not list(tmp_path.iterdir())
+
+
+class _FullDisk:
+    """A file whose writes fail as on a full disk."""
+
+    def __init__(self, f) -> None:
+        self.f = f
+
+    def __enter__(self) -> _FullDisk:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.f.close()
+
+    def write(self, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("case", ["read-only", "a file", "disk full"])
+def test_unwritable_folder_gives_one_clear_error(case: str, server: FakeServer, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    folder, named = tmp_path / "data", tmp_path / "data"
+    real_open = open
+
+    def fake_open(file, mode="r", *args, **kwargs):
+        if case == "read-only" and set(mode) & set("wax"):  # as root, chmod alone does not stop writes
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+        f = real_open(file, mode, *args, **kwargs)
+        return _FullDisk(f) if case == "disk full" and str(file).endswith(".pth.part") else f
+
+    if case == "a file":
+        folder.write_bytes(b"not a folder")
+    else:
+        folder.mkdir()
+    if case == "read-only":
+        folder.chmod(0o555)
+    if case == "disk full":
+        named = folder / "7B/consolidated.00.pth.part"
+    monkeypatch.setattr(dl, "open", fake_open, raising=False)
+    try:
+        with pytest.raises(dl.FolderError, match=re.escape(str(named))):
+            dl.download(server.url, folder, ["7B"], **FAST)
+        assert dl.main(["--model_size", "7B", "--folder", str(folder), "--url", server.url, "--quiet",
+                        "--timeout", "5", "--retries", "2"]) == 1
+    finally:
+        folder.chmod(0o755)
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(named) in err and "Traceback" not in err
+
+
+def test_ctrl_c_exits_without_waiting_for_the_read_timeout(server: FakeServer, tmp_path: Path) -> None:
+    rel = "7B/consolidated.00.pth"
+    server.faults[rel], server.stall_s = ["stall"], 300.0
+    proc = subprocess.Popen([sys.executable, "-m", "pyllama_jax.download", "--model_size", "7B", "--folder",
+                             str(tmp_path), "--url", server.url, "--quiet", "--timeout", "300"],
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert server.stalling.wait(120), "the download never reached the stalled file"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)  # far less than the 300 s read timeout
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    assert not (tmp_path / rel).exists()
+
+
+def test_bad_checklist_is_not_kept_and_is_refetched(server: FakeServer, tmp_path: Path) -> None:
+    rel = "7B/checklist.chk"
+    good = server.files[rel]
+    server.files[rel] = good[:20]  # cut inside the first md5
+    first = dl.download(server.url, tmp_path, ["7B"], **FAST)
+    assert f"{rel}.part, line 1: expected '<md5>  <filename>'" in first.failed[rel]
+    assert not (tmp_path / rel).exists()
+    server.files[rel] = good
+    (tmp_path / rel).write_bytes(b"\x9e" + good[1:])  # a corrupt one left under its final name
+    second = dl.download(server.url, tmp_path, ["7B"], **FAST)
+    assert second.ok and rel in second.downloaded
+    assert_complete(tmp_path, {k: v for k, v in server.files.items() if not k.startswith("13B")})
 
 
 class _HubHandler(BaseHTTPRequestHandler):
