@@ -2,7 +2,7 @@
 """Convert any checkpoint `pj.load` reads to Hugging Face, Meta or our native format, streaming.
 
     python scripts/convert.py --src smollm2-135m --to hf --out /tmp/smollm2-hf
-    python scripts/convert.py --src /tmp/smollm2-hf --to meta --out /tmp/smollm2-meta --shards 2
+    python scripts/convert.py --src /tmp/smollm2-hf --to meta --out /tmp/smollm2-meta --shards 3
     python scripts/convert.py --src /data/llama-13b --to native --out /data/llama-13b-native --dtype bfloat16
 
 Tensors go from the source to the output one at a time; the output folder appears only when it is
@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--to", required=True, choices=sorted(WRITERS), help="output format")
     p.add_argument("--out", required=True, help="output folder (created when complete)")
     p.add_argument("--dtype", choices=sorted(NUMPY_DTYPES), help="storage dtype (default: the source's)")
-    p.add_argument("--shards", type=int, default=1, help="meta: model-parallel shards, as Meta's code splits them")
+    p.add_argument("--shards", type=int, default=1, help="meta: model-parallel shards, as Meta's code splits them (must divide the head counts)")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="hf: largest safetensors file, in GiB")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     return p.parse_args(argv)

@@ -3,13 +3,15 @@
 Meta's model-parallel code splits each weight across the NN shards: column-parallel layers (wq, wk,
 wv, w1, w3, output) along dim 0 of the PyTorch `[out, in]` weight, row-parallel layers (wo, w2) and
 the embedding (its embedding dim) along dim 1; norms are replicated. Reading concatenates the
-pieces back, one tensor at a time; writing with `shards=N` splits them exactly so. Meta's format
+pieces back, one tensor at a time; writing with `shards=N` splits them exactly so, for an N that
+gives every rank whole heads. Meta's format
 cannot say that the output layer is tied to the embedding, so a tied model is written with both,
 and a checkpoint whose `output.weight` equals its embedding is read back as tied. Meta's q/k rows
 rotate interleaved pairs, so they are permuted to our half-split layout and back.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from typing import Any, Iterable, Iterator
@@ -196,10 +198,24 @@ def _to_meta(config: ModelConfig, name: str, w: np.ndarray) -> Iterator[tuple[st
         yield "output.weight", w
 
 
+def check_shards(config: ModelConfig, shards: int) -> None:
+    """Meta's model-parallel ranks each hold n_heads/shards whole heads, n_kv_heads/shards kv heads and
+    an equal part of the embedding, hidden and vocabulary dims: refuse a count that does not divide them."""
+    sizes = {"n_heads": config.n_heads, "n_kv_heads": config.kv_heads, "dim": config.dim,
+             "hidden_dim": config.hidden_dim, "vocab_size": config.vocab_size}
+    bad = [f"{k}={v} is not a multiple of {shards}" for k, v in sizes.items() if shards > 0 and v % shards]
+    if shards < 1 or bad:
+        common = math.gcd(*sizes.values())
+        valid = ", ".join(str(n) for n in range(1, common + 1) if common % n == 0)
+        raise ValueError(f"cannot write {shards} model-parallel shards: {'; '.join(bad) or 'need at least 1'}; "
+                         f"valid shard counts: {valid}")
+
+
 def save(out: str, config: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]],
          tokenizer: tok.Tokenizer | None = None, *, dtype: str | None = None, shards: int = 1,
          overwrite: bool = False) -> None:
     """Write our named tensors as Meta's params.json + `shards` consolidated.NN.pth files."""
+    check_shards(config, shards)
     np_dtype = NUMPY_DTYPES[dtype or config.param_dtype]
     params = params_json(config)
     full: dict[str, tuple[int, ...]] = {}
@@ -210,8 +226,6 @@ def save(out: str, config: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]
     pieces: dict[str, tuple[int, ...]] = {}
     for name, shape in full.items():
         axis = split_axis(name)
-        if axis is not None and shape[axis] % shards:
-            raise ValueError(f"cannot split {name} of shape {shape} into {shards} shards along dim {axis}")
         pieces[name] = shape if axis is None else tuple(d // shards if i == axis else d for i, d in enumerate(shape))
     with atomic_folder(out, overwrite) as tmp:
         paths = [os.path.join(tmp, f"consolidated.{i:02d}.pth") for i in range(shards)]

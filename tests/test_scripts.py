@@ -1,0 +1,25 @@
+"""The command-line scripts, run on the embedded SmolLM2 as a user would."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _script(name: str):
+    """scripts/<name>.py imported as a module."""
+    spec = importlib.util.spec_from_file_location(f"{name}_script", os.path.join(ROOT, "scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_convert_refuses_meta_shards_that_split_heads(tmp_path):
+    """SmolLM2 has 9 heads and 3 kv heads: Meta's model-parallel code can load 1 or 3 shards, not 2."""
+    with pytest.raises(SystemExit, match=r"n_heads=9 is not a multiple of 2.*valid shard counts: 1, 3$"):
+        _script("convert").main(["--src", "smollm2-135m", "--to", "meta", "--out", str(tmp_path / "m"),
+                                 "--shards", "2"])
+    assert not (tmp_path / "m").exists()
