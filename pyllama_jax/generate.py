@@ -6,9 +6,11 @@ a session compiles a handful of programs, not one per prompt.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
+import itertools
 import time
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +24,29 @@ from pyllama_jax.sharding.rules import replicated, state_shardings
 from pyllama_jax.tokenizer import Tokenizer
 
 MIN_BUCKET = 16
+
+_COMPILE_EVENTS = frozenset(f"/jax/core/compile/{e}_duration" for e in ("jaxpr_trace", "jaxpr_to_mlir_module",
+                                                                         "backend_compile"))
+_compile_spans: collections.deque[tuple[float, float]] = collections.deque(maxlen=4096)  # (start, end), time.time()
+
+
+def _record_compile(event: str, start: float, end: float, **_: object) -> None:
+    if event in _COMPILE_EVENTS:
+        _compile_spans.append((start, end))
+
+
+jax.monitoring.register_event_time_span_listener(_record_compile)
+
+
+def compile_seconds(start: float, end: float) -> float:
+    """Wall time within [start, end] (`time.time()`) that JAX spent tracing, lowering and compiling."""
+    recent = itertools.takewhile(lambda span: span[1] > start, reversed(_compile_spans.copy()))  # newest last
+    total, covered = 0.0, start
+    for s, e in sorted(recent):  # the union of possibly nested spans
+        s, e = max(s, covered), min(e, end)
+        if e > s:
+            total, covered = total + e - s, e
+    return total
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +64,11 @@ class SamplingConfig:
 
 @dataclasses.dataclass
 class Generation:
-    """What `generate` returns: texts, token ids and timing."""
+    """What `generate` returns: texts, token ids and timing.
+
+    A call that compiles a program counts as compile time (with that program's first, slow run): the
+    prefill is then timed again, and such a decode step is timed at the mean of the others.
+    """
 
     texts: list[str]
     tokens: list[list[int]]
@@ -48,6 +77,7 @@ class Generation:
     prefill_seconds: float
     decode_seconds: float
     decode_steps: int
+    compile_seconds: float  # tracing and compiling the programs this call was the first to need
 
     @property
     def generated_tokens(self) -> int:
@@ -59,9 +89,14 @@ class Generation:
         n = self.generated_tokens - len(self.tokens)
         return n / self.decode_seconds if self.decode_seconds > 0 else float("nan")
 
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else float("nan")
+
     def report(self) -> str:
-        return (f"prompt {self.prompt_tokens} tok, prefill {self.prefill_seconds * 1e3:.0f} ms; "
-                f"generated {self.generated_tokens} tok, decode {self.tokens_per_second:.1f} tok/s")
+        compiled = f"compile {self.compile_seconds:.1f} s; " if self.compile_seconds else ""
+        return (f"prompt {self.prompt_tokens} tok, generated {self.generated_tokens} tok; {compiled}"
+                f"prefill {self.prefill_tokens_per_second:.0f} tok/s; decode {self.tokens_per_second:.1f} tok/s")
 
 
 def bucket(n: int, limit: int) -> int:
@@ -134,7 +169,8 @@ class Generator:
                stats: dict | None = None) -> Iterator[list[int | None]]:
         """Yield, per step, the new token of each row (None once a row has finished).
 
-        `stats`, if given, receives prompt token count and prefill/decode seconds.
+        `stats`, if given, receives the prompt token count, decode steps, compile seconds and
+        prefill/decode seconds without compilation (see `Generation`).
         """
         ids = self.encode_prompts(prompts)
         b, longest = len(ids), max(len(r) for r in ids)
@@ -148,34 +184,54 @@ class Generator:
         for i, row in enumerate(ids):
             tokens[i, :len(row)] = row
         lengths = np.array([len(r) for r in ids], np.int32)
-        cache = place.create_cache(self.config, b, bucket(longest + sampling.max_new_tokens, limit),
-                                   self.mesh)
+        cache_len = bucket(longest + sampling.max_new_tokens, limit)
         knobs = (jnp.full((b,), sampling.temperature, jnp.float32), jnp.full((b,), sampling.top_k, jnp.int32),
                  jnp.full((b,), sampling.top_p, jnp.float32))
-        key = jax.random.key(sampling.seed)
-        start = time.perf_counter()
-        key, sub = jax.random.split(key)
-        nxt, cache = self._prefill(self.state, jnp.asarray(tokens), jnp.asarray(lengths), cache, sub, *knobs)
-        nxt_host = np.asarray(nxt)
-        prefill_done = time.perf_counter()
+        key, sub = jax.random.split(jax.random.key(sampling.seed))
+
+        def prefill() -> tuple[np.ndarray, Any, float, float]:
+            """A timed prefill on a fresh cache: next tokens, the cache, seconds and compile seconds in them."""
+            cache = place.create_cache(self.config, b, cache_len, self.mesh)
+            start = time.time()  # the clock of JAX's compile events
+            nxt, cache = self._prefill(self.state, jnp.asarray(tokens), jnp.asarray(lengths), cache, sub, *knobs)
+            nxt_host = np.asarray(nxt)
+            end = time.time()
+            return nxt_host, cache, end - start, compile_seconds(start, end)
+
+        nxt_host, cache, prefill_seconds, prefill_compile = prefill()
+        if prefill_compile:  # a new program's first run (compile, then warm-up): time an identical second run
+            del cache
+            prefill_compile = prefill_seconds
+            nxt_host, cache, prefill_seconds, _ = prefill()
         if stats is not None:
-            stats.update(prompt_tokens=int(lengths.sum()), prefill_seconds=prefill_done - start)
+            stats.update(prompt_tokens=int(lengths.sum()), prefill_seconds=prefill_seconds,
+                         compile_seconds=prefill_compile)
         done = np.zeros(b, bool)
         positions = lengths.copy()
+        calls, warm_calls, warm_seconds, compiled = 0, 0, 0.0, prefill_compile
         for step in range(sampling.max_new_tokens):
             out = [None if done[i] else int(nxt_host[i]) for i in range(b)]
             if not sampling.ignore_eos:
                 done |= np.isin(nxt_host, list(self.tokenizer.eos_ids))
-            if stats is not None:
-                stats.update(decode_seconds=time.perf_counter() - prefill_done, decode_steps=step)
+            if stats is not None:  # every decode step at the mean time of those that compiled nothing
+                mean = warm_seconds / warm_calls if warm_calls else float("nan")
+                stats.update(decode_seconds=mean * calls if calls else 0.0, decode_steps=calls,
+                             compile_seconds=compiled)
             stop = yield out
             if stop is not None:
                 done |= np.asarray(stop, bool)
             if done.all() or step == sampling.max_new_tokens - 1:
                 return
             key, sub = jax.random.split(key)
+            start = time.time()
             nxt, cache = self._decode(self.state, cache, jnp.asarray(nxt_host), jnp.asarray(positions), sub, *knobs)
             nxt_host = np.asarray(nxt)
+            seconds = time.time() - start
+            calls += 1
+            if compile_seconds(start, start + seconds):
+                compiled += seconds  # a new program's first run: compile, then warm-up
+            else:
+                warm_calls, warm_seconds = warm_calls + 1, warm_seconds + seconds
             positions += 1
 
     def generate(self, prompts: Sequence[str | Sequence[int]], sampling: SamplingConfig = SamplingConfig(),
@@ -214,7 +270,7 @@ class Generator:
         for i in range(b):  # a row cut at max_new_tokens may end inside a multi-byte character
             texts[i] = _strip_stop(self.tokenizer.decode(new[i]), sampling.stop)
         return Generation(texts, new, reasons, stats["prompt_tokens"], stats["prefill_seconds"],
-                          stats.get("decode_seconds", 0.0), stats.get("decode_steps", 0))
+                          stats.get("decode_seconds", 0.0), stats.get("decode_steps", 0), stats["compile_seconds"])
 
 
 def _first_stop(text: str, stops: Sequence[str]) -> int | None:

@@ -83,6 +83,18 @@ def test_generation_compiles_once_per_bucket():
     assert [bucket(n, 256) for n in (1, 16, 17, 200, 300)] == [16, 16, 32, 256, 256]
 
 
+def test_compile_time_is_reported_apart_from_steady_rates():
+    """An identical second call compiles nothing, so its rates are the steady ones the first call must report."""
+    gen = Generator(init_model(preset("tiny", max_seq_len=256), seed=3), _ByteTokenizer())
+    cfg = SamplingConfig(max_new_tokens=24, ignore_eos=True)
+    first, second = (gen.generate([list(range(1, 13)), list(range(1, 40))], cfg) for _ in range(2))
+    assert first.tokens == second.tokens
+    assert 1 / 20 < first.tokens_per_second / second.tokens_per_second < 20
+    assert 1 / 20 < first.prefill_tokens_per_second / second.prefill_tokens_per_second < 20
+    assert first.compile_seconds > 0 and second.compile_seconds == 0
+    assert "compile" in first.report() and "compile" not in second.report()
+
+
 def test_prompt_longer_than_context_is_refused():
     model = init_model(preset("tiny", max_seq_len=32))
     gen = Generator(model, _ByteTokenizer())
