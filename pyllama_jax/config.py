@@ -16,7 +16,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = "smollm2-135m"  # .gguf file, HF/Meta folder, native checkpoint, or embedded name
     c.dtype = "float32"  # compute dtype: float32 | bfloat16 | float16
     c.param_dtype = "float32"  # weight storage dtype: float32 | bfloat16 | float16
-    c.prompts = ["Tell me a short story about a robot who learns to paint."]  # run.py's prompts
+    # run.py's prompts: a tuple, so that --config.prompts='("one", "two")' can replace it
+    c.prompts = ("Tell me a short story about a robot who learns to paint.",)
     c.chat = True  # wrap prompts in the model's chat template (instruct models)
 
     c.sampling = ml_collections.ConfigDict()
@@ -123,7 +124,7 @@ def meta_llama_config(folder: str) -> ml_collections.ConfigDict:
     c.dtype = "bfloat16"
     c.param_dtype = "bfloat16"
     c.chat = False
-    c.prompts = ["I believe the meaning of life is", "Simply put, the theory of relativity states that"]
+    c.prompts = ("I believe the meaning of life is", "Simply put, the theory of relativity states that")
     return c
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -23,3 +25,20 @@ def test_convert_refuses_meta_shards_that_split_heads(tmp_path):
         _script("convert").main(["--src", "smollm2-135m", "--to", "meta", "--out", str(tmp_path / "m"),
                                  "--shards", "2"])
     assert not (tmp_path / "m").exists()
+
+
+def _run(script: str, *args: str, timeout: int = 600) -> str:
+    """`python scripts/<script>.py ARGS` from the repository root; its stdout (stderr on failure)."""
+    done = subprocess.run([sys.executable, os.path.join("scripts", f"{script}.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_run_takes_prompts_from_the_command_line():
+    """README's first override example, with 2 new tokens."""
+    out = _run("run", "--config=configs/smollm2_135m.py", "--config.sampling.temperature=0.8",
+               '--config.prompts=("Write a haiku about JAX.",)', "--config.dtype=bfloat16",
+               "--config.sampling.max_new_tokens=2")
+    assert out.count(">>> ") == 1 and ">>> Write a haiku about JAX.\n" in out
+    assert "compile" in out and "decode" in out
