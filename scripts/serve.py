@@ -16,7 +16,7 @@ from ml_collections import config_flags
 
 import pyllama_jax as pj
 from pyllama_jax.serve.engine import Engine
-from pyllama_jax.serve.openai_api import create_app, is_loopback, serve
+from pyllama_jax.serve.openai_api import bind, create_app, is_loopback, serve
 from pyllama_jax.sharding import mesh as pmesh
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/smollm2_135m.py", "job configuration file")
@@ -30,6 +30,10 @@ def main(argv: list[str]) -> None:
     if not api_key and not is_loopback(s.host):
         sys.exit(f"error: serve.host={s.host!r} is reachable from other machines; set serve.api_key or "
                  "$PYLLAMA_API_KEY (without a key the server is for local use only: host 127.0.0.1)")
+    try:  # claim the port before the (slow) model load
+        sock = bind(s.host, s.port)
+    except OSError as e:
+        sys.exit(f"error: cannot listen on {s.host}:{s.port}: {e.strerror or e}")
     mesh = pmesh.from_config(c.mesh)  # None: one device
     try:
         model = pj.load_from_config(c, mesh)
@@ -45,7 +49,7 @@ def main(argv: list[str]) -> None:
     name = s.model_name or os.path.splitext(os.path.basename(c.model.rstrip("/")))[0]
     ready = lambda url: print(f"serving {name} at {url} (web chat at {url}/, API at {url}/v1)", flush=True)
     try:
-        asyncio.run(serve(create_app(engine, name, api_key), s.host, s.port, ready))
+        asyncio.run(serve(create_app(engine, name, api_key), sock, ready))
     except KeyboardInterrupt:
         pass
     finally:

@@ -136,6 +136,25 @@ def test_queue_limit_cancel_and_context(tiny):
         engine.close()
 
 
+def test_warmup_compiles_every_window(tiny):
+    """After `warmup()` (the server's readiness), requests whose prefill and decode cross into the
+    256 and 512 windows, on 1 and 2 rows, compile nothing: no stall for the running streams."""
+    model, tokenizer = tiny
+    engine = Engine(model, tokenizer, slots=2, prefill_chunk=32)
+    engine.warmup()
+    compiled = engine._prefill._cache_size(), engine._decode._cache_size()
+    engine.start()
+    try:
+        got = Collector(2)
+        engine.submit(Request(list(range(4, 204)), 100, got(0), ignore_eos=True),
+                      Request([5, 6, 7], 8, got(1), ignore_eos=True))
+        got.wait()
+    finally:
+        engine.close()
+    assert [e.finish_reason for e in got.final] == ["length", "length"]
+    assert (engine._prefill._cache_size(), engine._decode._cache_size()) == compiled
+
+
 @pytest.mark.parametrize("stop", [("wör!", "STOP"), ("👋 S",), ()])
 def test_text_stream_characters_and_stops(stop):
     """Deltas are whole characters, never show a stop string or text past it, and add up to the

@@ -6,7 +6,8 @@ streaming); then one jitted step decodes every active slot at its own position, 
 temperature, top-k, top-p and random stream (`fold_in(key(seed), token_index)`, so a seeded request gives the same text
 whatever else is running). A step runs on the smallest block of rows and cache positions that holds
 every active slot, both rounded up to powers of two: one user does not pay for idle slots or unused
-context, and a session compiles a handful of programs, all fixed by the slot count and context.
+context, and a session compiles a handful of programs, all fixed by the slot count and context and all
+compiled by `warmup()`, so no request stalls the others to compile one.
 """
 from __future__ import annotations
 
@@ -78,6 +79,14 @@ def _pow2(n: int, low: int, high: int) -> int:
     while b < n:
         b *= 2
     return min(b, high)
+
+
+def _pow2s(low: int, high: int) -> list[int]:
+    """Every value `_pow2(n, low, high)` can take: low, 2 low, 4 low, ... capped at high."""
+    sizes = [min(low, high)]
+    while sizes[-1] < high:
+        sizes.append(min(2 * sizes[-1], high))
+    return sizes
 
 
 class Engine:
@@ -168,24 +177,21 @@ class Engine:
         self._thread.join(timeout=30)
 
     def warmup(self) -> None:
-        """Compile what short requests need: the first prefill window, and the decode step for every
-        row count (1, 2, 4, ..., slots). Longer contexts compile their window on first use."""
+        """Compile every program a request can need: prefill for each cache window, decode for each
+        window and row count (1, 2, 4, ..., slots)."""
         with self._on_mesh():
             self._compile_all()
 
     def _compile_all(self) -> None:
         z = jnp.zeros((), jnp.int32)
-        _, self._cache = self._prefill(self._state, self._cache, z, jnp.zeros((1, self.prefill_chunk), jnp.int32),
-                                       z, z, jnp.zeros((), jnp.uint32), jnp.zeros(()), z, jnp.ones(()),
-                                       window=self._prefill_window(0))
         self._positions[:] = self.context  # idle rows: nothing is written
-        rows = 1
-        while True:
-            nxt, self._cache = self._decode(self._state, self._cache, *self._decode_inputs(rows),
-                                            window=_pow2(1, MIN_WINDOW, self.context))
-            if rows == self.slots:
-                break
-            rows = min(2 * rows, self.slots)
+        for window in _pow2s(MIN_WINDOW, self.context):
+            if window >= self._prefill_window(0):
+                _, self._cache = self._prefill(
+                    self._state, self._cache, z, jnp.zeros((1, self.prefill_chunk), jnp.int32), z, z,
+                    jnp.zeros((), jnp.uint32), jnp.zeros(()), z, jnp.ones(()), window=window)
+            for rows in _pow2s(1, self.slots):
+                nxt, self._cache = self._decode(self._state, self._cache, *self._decode_inputs(rows), window=window)
         nxt.block_until_ready()
 
     def check(self, prompt_tokens: int, max_tokens: int) -> None:

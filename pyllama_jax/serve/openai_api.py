@@ -121,6 +121,15 @@ class API:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         prompts, p = protocol.parse_completion(await _json(request), self.engine.slots)
         self._check_model(p)
+        return await self._respond(request, await asyncio.to_thread(self._prompt_ids, prompts), p, chat=False)
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        messages, p = protocol.parse_chat(await _json(request), self.engine.slots)
+        self._check_model(p)
+        return await self._respond(request, [await asyncio.to_thread(self._chat_ids, messages)], p, chat=True)
+
+    def _prompt_ids(self, prompts: list[str | list[int]]) -> list[list[int]]:
+        """Each prompt's token ids, checked. Runs in a worker thread: a huge prompt takes seconds."""
         ids = []
         for i, prompt in enumerate(prompts):
             row = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
@@ -131,16 +140,15 @@ class API:
                 raise APIError(400, f"prompt {i}: token id {bad[0]} is outside the vocabulary "
                                f"[0, {self.engine.config.vocab_size})", "prompt", code="invalid_value")
             ids.append(row)
-        return await self._respond(request, ids, p, chat=False)
+        return ids
 
-    async def chat(self, request: web.Request) -> web.StreamResponse:
-        messages, p = protocol.parse_chat(await _json(request), self.engine.slots)
-        self._check_model(p)
+    def _chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """The rendered conversation's token ids. Runs in a worker thread, like `_prompt_ids`."""
         try:
             text = self.tokenizer.apply_chat_template(messages)
         except ValueError as e:  # the template refused the conversation (e.g. roles out of order)
             raise APIError(400, str(e), "messages", code="invalid_value") from None
-        return await self._respond(request, [self.tokenizer.encode(text)], p, chat=True)
+        return self.tokenizer.encode(text)
 
     async def _respond(self, request: web.Request, ids: list[list[int]], p: Params, chat: bool) -> web.StreamResponse:
         # OpenAI's defaults: 16 tokens for completions, the rest of the context for chat.
@@ -230,17 +238,26 @@ def create_app(engine: Engine, model_name: str, api_key: str = "") -> web.Applic
     return app
 
 
-async def serve(app: web.Application, host: str, port: int, on_ready: Callable[[str], None]) -> None:
-    """Listen on host:port (0 = any free port) until cancelled; `on_ready(url)` once bound."""
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (0 = any free port), not yet listening; OSError if it is taken."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def serve(app: web.Application, sock: socket.socket, on_ready: Callable[[str], None]) -> None:
+    """Listen on `sock` (from `bind`) until cancelled; `on_ready(url)` once listening."""
+    host, port = sock.getsockname()[:2]
     # handler_cancellation: a client that disconnects cancels its handler, which frees its slots.
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     await web.SockSite(runner, sock).start()
-    bound = sock.getsockname()
-    on_ready(f"http://{'[' + host + ']' if ':' in host else host}:{bound[1]}")
+    on_ready(f"http://{'[' + host + ']' if ':' in host else host}:{port}")
     try:
         await asyncio.Event().wait()
     finally:

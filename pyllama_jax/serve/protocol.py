@@ -65,6 +65,24 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
 }
 
 
+def _lone_surrogate(value: Any) -> str | None:
+    """The first lone UTF-16 surrogate in the strings of JSON value `value`, or None. JSON can spell
+    half a pair ("\\ud800"), but that is not Unicode text: UTF-8 and the tokenizer cannot take it."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode()
+            except UnicodeEncodeError as e:
+                return v[e.start]
+        elif isinstance(v, dict):
+            stack += [*v, *v.values()]
+        elif isinstance(v, list):
+            stack += v
+    return None
+
+
 def _check_fields(body: Any, spec: dict[str, tuple[tuple[type, ...], str]], required: str) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
@@ -76,6 +94,10 @@ def _check_fields(body: Any, spec: dict[str, tuple[tuple[type, ...], str]], requ
             if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
                 raise APIError(400, f"'{name}' must be {what}, got {type(value).__name__} {value!r:.60}", name,
                                code="invalid_type")
+            surrogate = _lone_surrogate(value)
+            if surrogate is not None:
+                raise APIError(400, f"'{name}' is not valid Unicode text: it contains the lone surrogate "
+                               f"{ascii(surrogate)}, half of a UTF-16 pair", name, code="invalid_value")
         elif name in _NEUTRAL:
             if value is not None and value not in _NEUTRAL[name]:
                 raise APIError(400, f"'{name}'={value!r:.60} is not supported by this server", name,
