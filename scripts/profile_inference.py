@@ -1,8 +1,9 @@
 """Profile one generation: prefill time, per-token latency distribution, host and device memory.
 
-Runs the configured model on the first configured prompt twice with the same shapes (the first run
-compiles and is reported separately; a generation ends at EOS or max_new_tokens), records the time and memory at every decode step of the
-second, prints a table and writes `profile.png` (latency and memory per step) and `profile.json`.
+Runs the configured model (quantized as the config's `quant` section says) on the first configured
+prompt twice with the same shapes (the first run compiles and is reported separately; a generation
+ends at EOS or max_new_tokens), records the time and memory at every decode step of the second,
+prints a table and writes `profile.png` (latency and memory per step) and `profile.json`.
 
     python scripts/profile_inference.py --config=configs/smollm2_135m.py --config.sampling.max_new_tokens=128 \\
         --out=artifacts/profile
@@ -22,6 +23,7 @@ from ml_collections import config_flags
 
 import pyllama_jax as pj
 from pyllama_jax.generate import SamplingConfig
+from pyllama_jax.quant.qlinear import quantized_linears
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/smollm2_135m.py", "job configuration file")
 _OUT = flags.DEFINE_string("out", "artifacts/profile", "folder for profile.png and profile.json")
@@ -35,6 +37,15 @@ def device_bytes() -> int:
     return sum(a.nbytes for a in jax.live_arrays())
 
 
+def weights_of(model: pj.Model) -> str:
+    """The loaded layers' weights in words: dense and their dtype, or the quantized grids."""
+    weights = quantized_linears(model.module).values()
+    if not weights:
+        return f"dense {model.config.param_dtype}"
+    grids = sorted({(w.bits, "per-row" if w.groupsize == -1 else f"g{w.groupsize}") for w in weights})
+    return ", ".join(f"{bits}-bit {g}" for bits, g in grids) + f" ({len(weights)} quantized linears)"
+
+
 def run(generator, prompt: str, sampling: SamplingConfig) -> dict:
     """One generation, sampled at every step: seconds since start, host RSS and device bytes."""
     process, stats = psutil.Process(), {}
@@ -43,7 +54,8 @@ def run(generator, prompt: str, sampling: SamplingConfig) -> dict:
     for _ in generator.stream([prompt], sampling, stats):
         trace.append((time.perf_counter() - start, process.memory_info().rss, device_bytes()))
     t, host, device = (np.array(c) for c in zip(*trace))
-    return {"prompt_tokens": stats["prompt_tokens"], "prefill_s": stats["prefill_seconds"], "seconds": t[-1],
+    return {"prompt_tokens": stats["prompt_tokens"], "compile_s": stats["compile_seconds"],
+            "prefill_s": stats["prefill_seconds"], "seconds": t[-1],
             "token_s": np.diff(t[1:]).tolist(), "host_mb": (host / 2**20).tolist(),
             "device_mb": (device / 2**20).tolist()}
 
@@ -51,7 +63,8 @@ def run(generator, prompt: str, sampling: SamplingConfig) -> dict:
 def table(first: dict, p: dict) -> str:
     lat = np.array(p["token_s"]) * 1e3
     rows = [("prompt tokens", f"{p['prompt_tokens']}"),
-            ("first run (compile + generate)", f"{first['seconds']:.2f} s"),
+            ("first run (compile + generate)",
+             f"{first['seconds']:.2f} s, of which compile {first['compile_s']:.2f} s"),
             ("prefill (first token)", f"{p['prefill_s'] * 1e3:.1f} ms"),
             ("decode steps", f"{len(lat)}"),
             ("per-token latency mean / p50 / p90 / p99 / max",
@@ -93,9 +106,10 @@ def main(argv: list[str]) -> None:
     del argv
     c = _CONFIG.value
     try:
-        model = pj.load(c.model, dtype=c.dtype, param_dtype=c.param_dtype)
+        model = pj.load_from_config(c)  # dense, or quantized as the config's `quant` section says
     except FileNotFoundError as e:
         sys.exit(f"error: {e}")
+    print(f"loaded {model.source}: {weights_of(model)}, {c.dtype} compute")
     prompt = c.prompts[0]
     if c.chat:
         prompt = model.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
@@ -104,7 +118,8 @@ def main(argv: list[str]) -> None:
     profile = run(model.generator, prompt, sampling)
     print(table(first, profile))
     os.makedirs(_OUT.value, exist_ok=True)
-    plot(profile, f"{os.path.basename(model.source)}, {c.dtype}", os.path.join(_OUT.value, "profile.png"))
+    plot(profile, f"{os.path.basename(model.source)}, {weights_of(model)}, {c.dtype}",
+         os.path.join(_OUT.value, "profile.png"))
     out = os.path.join(_OUT.value, "profile.json")
     with open(out + ".tmp", "w") as f:
         json.dump({"config": c.to_dict(), "first_run": first, "profile": profile}, f, default=str)

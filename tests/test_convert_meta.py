@@ -182,7 +182,8 @@ def test_tokenizer_in_the_parent_folder_is_used_and_checked(tiny_meta, smollm2):
 
 @pytest.mark.parametrize("changes,shards,message", [
     ({}, 4, r"n_kv_heads=2 is not a multiple of 4; valid shard counts: 1, 2$"),
-    ({"n_heads": 8, "n_kv_heads": 8, "hidden_dim": 164}, 8, r"hidden_dim=164 is not a multiple of 8; valid shard counts: 1, 2, 4$"),
+    ({"n_heads": 8, "n_kv_heads": 8, "hidden_dim": 164}, 8,
+     r"hidden_dim=164 is not a multiple of 8; valid shard counts: 1, 2, 4$"),
     ({}, 0, r"valid shard counts: 1, 2$"),
 ])
 def test_shards_must_split_whole_heads(tmp_path, changes, shards, message):

@@ -42,3 +42,12 @@ def test_run_takes_prompts_from_the_command_line():
                "--config.sampling.max_new_tokens=2")
     assert out.count(">>> ") == 1 and ">>> Write a haiku about JAX.\n" in out
     assert "compile" in out and "decode" in out
+
+
+def test_profile_inference_loads_the_configured_quantization(tmp_path):
+    """A 4-bit round-to-nearest config is profiled on the 4-bit model, not on the dense one."""
+    out = _run("profile_inference", "--config=configs/smollm2_135m.py", "--config.quant.wbits=4",
+               "--config.quant.nearest=True", "--config.quant.groupsize=64", "--config.sampling.max_new_tokens=3",
+               f"--out={tmp_path}")
+    assert "4-bit g64 (210 quantized linears)" in out  # SmolLM2: 30 blocks of 7 linears
+    assert (tmp_path / "profile.json").exists()
