@@ -39,7 +39,8 @@ BITS = {"4bit": 4, "3bit": 3}
 
 def build(variant: str, args) -> Llama:
     """The model of `variant` ("bf16", "4bit", "3bit") with random weights on the default device."""
-    config = preset(args.preset, dtype="bfloat16", param_dtype="bfloat16", max_seq_len=args.context)
+    depth = {"n_layers": args.layers} if getattr(args, "layers", None) else {}
+    config = preset(args.preset, dtype="bfloat16", param_dtype="bfloat16", max_seq_len=args.context, **depth)
     if variant == "bf16":
         return init_model(config)
     model = abstract_model(config)
@@ -108,6 +109,7 @@ def main() -> None:
     p.add_argument("--batches", nargs="+", type=int, default=[1, 16])
     p.add_argument("--preset", default="llama-7b")
     p.add_argument("--context", type=int, default=2048, help="KV cache slots")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the preset's)")
     p.add_argument("--groupsize", type=int, default=128)
     p.add_argument("--kernel", default="pallas", choices=["pallas", "xla"], help="quantized matmul")
     p.add_argument("--steps", type=int, default=64)

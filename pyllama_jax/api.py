@@ -24,9 +24,10 @@ class Model:
     """A loaded model with its tokenizer."""
 
     def __init__(self, module: Llama, tokenizer: tok.Tokenizer | None, source: str = "",
-                 mesh: Mesh | None = None):
-        """`mesh`: the device mesh `module`'s weights are sharded on (None: one device)."""
-        self.module, self.tokenizer, self.source, self.mesh = module, tokenizer, source, mesh
+                 mesh: Mesh | None = None, quant: dict[str, Any] | None = None):
+        """`mesh`: the device mesh `module`'s weights are sharded on (None: one device); `quant`:
+        what made a quantized model (a checkpoint's `recipe` and `made_from`)."""
+        self.module, self.tokenizer, self.source, self.mesh, self.quant = module, tokenizer, source, mesh, quant
         self.config: ModelConfig = module.config
         self._generator: Generator | None = None
         graphdef, self._state = nnx.split(module)
@@ -49,6 +50,17 @@ class Model:
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
         mask = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
         return self._logits(self._state, ids, mask)
+
+    def describe(self) -> str:
+        """What this model is, for labelling every figure: the recipe of a quantized one, the
+        dtypes of a dense one, and where it came from."""
+        c = self.config
+        if self.quant is None:
+            return f"{self.source}: dense, {c.param_dtype} weights, {c.dtype} compute"
+        from pyllama_jax.quant.recipe import describe_quant
+
+        made_from = self.quant.get("made_from")
+        return f"{self.source}: {describe_quant(self.quant)}" + (f", made from {made_from}" if made_from else "")
 
     @property
     def generator(self) -> Generator:
@@ -83,31 +95,36 @@ def embedded_path(name: str) -> str:
 
 
 def load(path_or_name: str, dtype: str | None = None, param_dtype: str | None = None,
-         mesh: Mesh | None = None) -> Model:
-    """Load a model: a `.gguf` file, an HF or Meta folder, a native checkpoint, or an embedded name.
+         mesh: Mesh | None = None, kernel: str = "xla", kv_dtype: str | None = None) -> Model:
+    """Load a model: a `.gguf` file, an HF, GPTQ or Meta folder, a native checkpoint (dense or
+    quantized), or an embedded name.
 
     `dtype` is the compute dtype and `param_dtype` the storage dtype of the weights
-    (float32, bfloat16 or float16; default float32 for both). With a `mesh`
-    (`pyllama_jax.sharding.mesh.make_mesh`), each device receives only its shard as tensors stream in.
+    (float32, bfloat16 or float16; default: the checkpoint's, float32 for dense formats);
+    `kv_dtype="int8"` stores the KV cache as int8 with per-position, per-head scales. With a
+    `mesh` (`pyllama_jax.sharding.mesh.make_mesh`), each device receives only its shard as tensors
+    stream in. A quantized checkpoint streams into a model declared with its packed shapes (never
+    a dense placeholder); `kernel` picks its quantized matmul (`xla` or `pallas`).
     """
     from pyllama_jax.convert import open_checkpoint
+    from pyllama_jax.model.llama import abstract_model
     from pyllama_jax.model.params import build_model
 
-    overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v}
+    overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype), ("kv_dtype", kv_dtype)) if v}
     ckpt = open_checkpoint(path_or_name, **overrides)
+    target = abstract_model(ckpt.config)
+    if ckpt.quant is not None:
+        from pyllama_jax.quant.qlinear import abstract_quantized, set_kernel
+
+        set_kernel(abstract_quantized(target, ckpt.quant["layout"]), kernel)
     module = build_model(ckpt.config, ckpt.tensors, ckpt.source,
-                         place.placer(ckpt.config, mesh) if mesh else None)
-    return Model(module, ckpt.tokenizer, ckpt.source, mesh)
+                         place.placer(ckpt.config, mesh, model=target) if mesh else None, model=target)
+    return Model(module, ckpt.tokenizer, ckpt.source, mesh, ckpt.quant)
 
 
 def load_from_config(c: Any, mesh: Mesh | None = None) -> Model:
     """A job config's model: dense, or quantized (`quant.wbits`/`quant.load`: the saved checkpoint,
     else quantized now and saved), sharded over `mesh` when given."""
-    if not (c.quant.wbits or c.quant.load):
-        return load(c.model, dtype=c.dtype, param_dtype=c.param_dtype, mesh=mesh)
     from pyllama_jax.quant.recipe import load_or_quantize
 
-    model = load_or_quantize(c)
-    if mesh is None:
-        return model
-    return Model(place.shard(model.module, mesh), model.tokenizer, model.source, mesh)
+    return load_or_quantize(c, mesh)

@@ -16,6 +16,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = "smollm2-135m"  # .gguf file, HF/Meta folder, native checkpoint, or embedded name
     c.dtype = "float32"  # compute dtype: float32 | bfloat16 | float16
     c.param_dtype = "float32"  # weight storage dtype: float32 | bfloat16 | float16
+    c.kv_dtype = "auto"  # KV cache: auto (the compute dtype) | int8 (per-position, per-head scales)
     # run.py's prompts: a tuple, so that --config.prompts='("one", "two")' can replace it
     c.prompts = ("Tell me a short story about a robot who learns to paint.",)
     c.chat = True  # wrap prompts in the model's chat template (instruct models)

@@ -16,7 +16,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pyllama_jax.quant.recipe import load_or_quantize, recipe_from  # noqa: E402
+from pyllama_jax.quant.recipe import load_or_quantize  # noqa: E402
 from pyllama_jax.eval.perplexity import report  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/smollm2_135m_4bit.py", "job configuration file")
@@ -27,8 +27,6 @@ def main(argv: list[str]) -> None:
     c = _CONFIG.value
     if not (c.quant.wbits or c.quant.load):
         sys.exit("error: nothing to quantize: set --config.quant.wbits to 2, 3, 4 or 8 (or quant.load)")
-    if c.quant.wbits:
-        print(f"{c.model}: {recipe_from(c.quant).describe()}, calibration {c.quant.calibration}")
     report(load_or_quantize(c), c.quant)
 
 

@@ -17,12 +17,17 @@ from pyllama_jax.tokenizer import Tokenizer
 
 @dataclasses.dataclass
 class Checkpoint:
-    """An opened checkpoint; `tensors` is read lazily, one `(name, array)` pair at a time."""
+    """An opened checkpoint; `tensors` is read lazily, one `(name, array)` pair at a time.
+
+    `quant` (quantized checkpoints): `recipe` (what made it), `layout` (per quantized linear path:
+    `bits`, `groupsize`, `scales_dtype`) and, where known, `made_from` (the source model).
+    """
 
     config: ModelConfig
     tensors: Iterable[tuple[str, np.ndarray]]
     tokenizer: Tokenizer | None
     source: str
+    quant: dict[str, Any] | None = None
 
 
 class NameMap:
@@ -58,7 +63,7 @@ def open_checkpoint(path_or_name: str, **overrides: Any) -> Checkpoint:
     """
     from pyllama_jax import tokenizer as tok
     from pyllama_jax.api import EMBEDDED, embedded_path
-    from pyllama_jax.convert import gguf, hf, meta, native
+    from pyllama_jax.convert import gguf, gptq, hf, meta, native
 
     path = embedded_path(path_or_name) if path_or_name in EMBEDDED else os.path.expanduser(path_or_name)
     if path.endswith(".gguf"):
@@ -69,10 +74,10 @@ def open_checkpoint(path_or_name: str, **overrides: Any) -> Checkpoint:
         ckpt = Checkpoint(config, g.tensors(config), tokenizer, path)
     elif not os.path.exists(path):
         raise FileNotFoundError(f"no model at {path!r}: expected a .gguf file, a Hugging Face folder "
-                                f"(config.json), a Meta folder (params.json + consolidated.*.pth), a native "
-                                f"checkpoint ({native.MANIFEST}), or one of {sorted(EMBEDDED)}")
+                                f"(config.json), a GPTQ folder (quantize_config.json), a Meta folder (params.json + "
+                                f"consolidated.*.pth), a native checkpoint ({native.MANIFEST}), or one of {sorted(EMBEDDED)}")
     else:
-        fmt = next((f for f in (native, hf, meta) if f.detect(path)), None)
+        fmt = next((f for f in (native, gptq, hf, meta) if f.detect(path)), None)
         if fmt is None:
             raise ValueError(f"{path}: not a recognised checkpoint (expected a .gguf file, or a folder with "
                              f"config.json, params.json + consolidated.*.pth, or {native.MANIFEST})")

@@ -1,6 +1,6 @@
 """Tensor files read and written one tensor at a time: safetensors, PyTorch `.pth`/`.bin`, atomic folders.
 
-Readers memory-map their file and hand out one array at a time; writers fix every tensor's place
+Readers hand out one array at a time; writers fix every tensor's place
 in the file first, then fill it in as tensors arrive, so neither side holds a whole model.
 """
 from __future__ import annotations
@@ -24,7 +24,8 @@ _SAFETENSORS_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 NUMPY_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
                 "float16": np.dtype(np.float16)}
 
-Spec = tuple[tuple[int, ...], np.dtype]  # shape and dtype of a tensor to be written
+Spec = tuple[tuple[int, ...], np.dtype]
+ALIGN = 64  # bytes: the alignment XLA's CPU client needs to use a host buffer in place  # shape and dtype of a tensor to be written
 
 
 def safetensors_header(path: str) -> dict[str, dict[str, Any]]:
@@ -60,13 +61,23 @@ def safetensors_header(path: str) -> dict[str, dict[str, Any]]:
 
 
 def read_safetensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
-    """`(name, array)` pairs of a safetensors file, in file order, as read-only memory-mapped views."""
+    """`(name, array)` pairs of a safetensors file, in file order, each read into its own buffer.
+
+    Plain reads, not a memory map: mapped file pages count in the process's resident memory
+    until the map is closed, which would hold a second copy of the model while it loads. Buffers
+    are `ALIGN`-byte aligned, so a CPU device can adopt them without a copy (`may_alias`).
+    """
     header = safetensors_header(path)
-    data = np.memmap(path, dtype=np.uint8, mode="r")
-    start = 8 + struct.unpack("<Q", bytes(data[:8]))[0]
-    for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-        begin, end = info["data_offsets"]
-        yield name, data[start + begin:start + end].view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+    with open(path, "rb") as f:
+        start = 8 + struct.unpack("<Q", f.read(8))[0]
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            begin, end = info["data_offsets"]
+            raw = np.empty(end - begin + ALIGN, np.uint8)
+            raw = raw[-raw.ctypes.data % ALIGN:][:end - begin]
+            f.seek(start + begin)
+            if f.readinto(memoryview(raw)) != end - begin:
+                raise ValueError(f"{path}: truncated file: tensor {name!r} could not be read whole")
+            yield name, raw.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
 class SafetensorsWriter:

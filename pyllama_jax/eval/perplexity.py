@@ -107,6 +107,7 @@ def benchmark(module: Llama, ids: Sequence[int], check: bool = False) -> Benchma
 def report(model: Any, q: Any) -> None:
     """Print perplexity on each corpus of a job's `quant.eval`, then its `quant.benchmark`."""
     corpora = [q.eval] if isinstance(q.eval, str) else list(q.eval)
+    print(f"model: {model.describe()}")
     for corpus in corpora:
         r = perplexity(model, corpus, seqlen=q.seqlen, max_windows=q.eval_windows or None, batch_size=q.batch_size)
         print(f"{corpus}: perplexity {r.perplexity:.3f} over {r.windows} windows of {q.seqlen} ({r.seconds:.0f} s)")

@@ -36,6 +36,7 @@ class ModelConfig:
     tie_embeddings: bool = False
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"  # storage dtype of the weights
+    kv_dtype: str = "auto"  # KV cache: "auto" (the compute dtype) or "int8" (per-position, per-head scales)
 
     def __post_init__(self) -> None:
         kv = self.n_kv_heads or self.n_heads
@@ -43,6 +44,8 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.dim={self.dim} is not divisible by n_heads={self.n_heads}")
         if self.n_heads % kv:
             raise ValueError(f"ModelConfig.n_heads={self.n_heads} is not divisible by n_kv_heads={kv}")
+        if self.kv_dtype not in ("auto", "int8"):
+            raise ValueError(f"ModelConfig.kv_dtype={self.kv_dtype!r}; expected 'auto' or 'int8'")
         for field in ("dtype", "param_dtype"):
             if getattr(self, field) not in DTYPES:
                 raise ValueError(f"ModelConfig.{field}={getattr(self, field)!r}; expected one of {sorted(DTYPES)}")

@@ -85,14 +85,13 @@ class Attention(nnx.Module):
         self.n_heads, self.kv_heads, self.head_dim = c.n_heads, c.kv_heads, hd
 
     def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array, mask: jax.Array,
-                 kv: tuple[jax.Array, jax.Array] | None):
+                 kv: tuple[jax.Array, ...] | None):
         b, t, _ = x.shape
         q = apply_rope(self.q(x).reshape(b, t, self.n_heads, self.head_dim), positions, inv_freq)
         k = apply_rope(self.k(x).reshape(b, t, self.kv_heads, self.head_dim), positions, inv_freq)
         v = self.v(x).reshape(b, t, self.kv_heads, self.head_dim)
-        if kv is not None:
-            kv = (kv_cache.write(kv[0], k, positions), kv_cache.write(kv[1], v, positions))
-            k, v = kv[0][:b, :mask.shape[-1]], kv[1][:b, :mask.shape[-1]]  # see Llama's kv_window
+        if kv is not None:  # one layer's cache arrays (`KVCache.layer`); see Llama's kv_window
+            kv, k, v = kv_cache.update(kv, k, v, positions, mask.shape[-1])
         groups = self.n_heads // self.kv_heads
         q = q.reshape(b, t, self.kv_heads, groups, self.head_dim)
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
@@ -150,7 +149,7 @@ class Block(nnx.Module):
         self.config = config
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None = None,
-                 kv: tuple[jax.Array, jax.Array] | None = None):
+                 kv: tuple[jax.Array, ...] | None = None):
         """`x[b, t, dim]` at `positions[b, t]`; `mask` defaults to plain causal attention."""
         if mask is None:
             mask = causal_mask(positions, kv[0].shape[1] if kv is not None else None)
@@ -198,13 +197,11 @@ class Llama(nnx.Module):
             mask = causal_mask(positions, None, None if attention_mask is None else attention_mask > 0,
                                segment_ids)
         x = constrain(jnp.take(self.embed[...], tokens, axis=0).astype(self.config.compute_dtype), ACT_AXES)
-        new_k, new_v = [], []
+        new_layers = []
         for i, layer in enumerate(self.layers):
-            x, kv = layer(x, positions, mask, None if cache is None else (cache.k[i], cache.v[i]))
+            x, kv = layer(x, positions, mask, None if cache is None else cache.layer(i))
             x = constrain(x, ACT_AXES)
-            if cache is not None:
-                new_k.append(kv[0])
-                new_v.append(kv[1])
+            new_layers.append(kv)
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
         x = self.norm(x)
@@ -213,7 +210,7 @@ class Llama(nnx.Module):
         else:
             logits = self.lm_head(x)
         logits = constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
-        return logits, (KVCache(new_k, new_v) if cache is not None else None)
+        return logits, (KVCache.from_layers(new_layers) if cache is not None else None)
 
 
 def init_model(config: ModelConfig, seed: int = 0) -> Llama:

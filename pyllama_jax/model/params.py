@@ -44,28 +44,30 @@ def permute_rope(w: np.ndarray, n_heads: int, to_half_split: bool) -> np.ndarray
 
 
 def build_model(config: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], source: str,
-                place: Callable[[str, np.ndarray], jax.Array] | None = None) -> Llama:
+                place: Callable[[str, np.ndarray], jax.Array] | None = None,
+                model: Llama | None = None) -> Llama:
     """Fill a model with `config`'s structure from named tensors.
 
-    `source` names the checkpoint in errors. `place(name, array)` puts one tensor on devices
-    (default: the default device, cast to `config.param_dtype`); sharded loading passes its own.
+    `source` names the checkpoint in errors. `model` is the abstract structure to fill
+    (`nnx.eval_shape`; default: the dense model of `config`; a quantized one declares its packed
+    arrays); each tensor must match its shape. `place(name, array)` puts one tensor on devices
+    (default: the default device, cast to the structure's dtype); sharded loading passes its own.
     """
-    shapes = _shapes(config)
-    place = place or (lambda name, a: jax.device_put(a.astype(config.weight_dtype)))
-    graphdef, state = nnx.split(abstract_model(config))
-    flat = dict(nnx.to_flat_state(state))
+    graphdef, state = nnx.split(abstract_model(config) if model is None else model)
+    flat = {".".join(str(k) for k in path): var for path, var in nnx.to_flat_state(state)}
+    place = place or (lambda name, a: jax.device_put(a.astype(flat[name].get_value().dtype, copy=False), may_alias=True))
     seen: set[str] = set()
     for name, array in tensors:
-        if name not in shapes:
+        if name not in flat:
             raise ValueError(f"{source}: unexpected tensor {name!r} for a model with {config.n_layers} "
                              f"layers (tie_embeddings={config.tie_embeddings})")
-        if tuple(array.shape) != shapes[name]:
+        shape = tuple(flat[name].get_value().shape)
+        if tuple(array.shape) != shape:
             raise ValueError(f"{source}: tensor {name!r} has shape {tuple(array.shape)}, expected "
-                             f"{shapes[name]} from the model config")
-        path = tuple(int(p) if p.isdigit() else p for p in name.split("."))
-        flat[path].set_value(place(name, np.asarray(array)))
+                             f"{shape} from the model config")
+        flat[name].set_value(place(name, np.asarray(array)))
         seen.add(name)
-    missing = sorted(set(shapes) - seen)
+    missing = sorted(set(flat) - seen)
     if missing:
         raise ValueError(f"{source}: missing {len(missing)} tensor(s), e.g. {missing[:3]}")
     return nnx.merge(graphdef, state)

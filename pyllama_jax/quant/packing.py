@@ -98,6 +98,18 @@ class QuantWeight:
     def shape(self) -> tuple[int, int]:
         return self.in_features, self.out_features
 
+    @classmethod
+    def abstract(cls, in_features: int, out_features: int, bits: int, groupsize: int,
+                 scales_dtype: str = "float16") -> "QuantWeight":
+        """Shapes and dtypes only (`jax.ShapeDtypeStruct` leaves): the target a loader fills in."""
+        check_bits(bits)
+        n_groups = 1 if groupsize == -1 else -(-in_features // groupsize)
+        s = jax.ShapeDtypeStruct
+        return cls(s((packed_rows(in_features, bits), out_features), jnp.int32),
+                   s((n_groups, out_features), jnp.dtype(scales_dtype)),
+                   s((n_groups, packed_rows(out_features, bits)), jnp.int32), s((in_features,), jnp.int32),
+                   bits, groupsize, in_features)
+
     def nbytes(self) -> int:
         """Bytes held by the packed arrays."""
         return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -17,8 +18,38 @@ from pyllama_jax.quant.packing import QuantWeight, dequantize
 LAYER_LINEARS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
 
 
+def after(x: jax.Array, value: jax.Array) -> jax.Array:
+    """`value` unchanged, but computed only once `x` is.
+
+    XLA computes expressions of the weights alone wherever its scheduler likes; on CPU it drops
+    `optimization_barrier` before scheduling and puts every layer's dequantization up front, so
+    all dense weights are live at once. Selecting on a predicate of `x` that is always true (a
+    float is finite, NaN or infinite) but that XLA cannot prove true orders it after `x`. Applied
+    to every packed array, it also keeps XLA from sharing a weight-only part (the gathered scales)
+    between the forward and backward passes, which would keep it alive in between.
+    """
+    first = x.reshape(-1)[0]
+    return jnp.where(jnp.isfinite(first) | jnp.isnan(first) | jnp.isinf(first), value, jnp.zeros_like(value))
+
+
+@jax.custom_vjp
 def _xla_qmatmul(x: jax.Array, qw: QuantWeight) -> jax.Array:
-    return jnp.dot(x, dequantize(qw, x.dtype))
+    """`x @ dequantize(qw)`, each layer's dense weight made just before its use, in the forward
+    pass and again in the backward one (never saved: a QLoRA step holds one layer's at a time)."""
+    return jnp.dot(x, dequantize(jax.tree.map(functools.partial(after, x), qw), x.dtype))
+
+
+def _qmatmul_fwd(x: jax.Array, qw: QuantWeight) -> tuple[jax.Array, tuple[jax.Array, QuantWeight]]:
+    return _xla_qmatmul(x, qw), (x, qw)
+
+
+def _qmatmul_bwd(res: tuple[jax.Array, QuantWeight], dy: jax.Array) -> tuple[jax.Array, None]:
+    x, qw = res
+    w = dequantize(jax.tree.map(functools.partial(after, dy), qw), dy.dtype)
+    return jnp.dot(dy, w.T).astype(x.dtype), None  # the packed weight is frozen: no gradient
+
+
+_xla_qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
 
 
 def _pallas_qmatmul(x: jax.Array, qw: QuantWeight) -> jax.Array:
@@ -42,13 +73,21 @@ class QuantParam(nnx.Variable):
 
 
 class QuantLinear(nnx.Module):
-    """A bias-free linear layer over a packed weight; called like `Linear`: `y = x @ W`."""
+    """A bias-free linear layer over a packed weight; called like `Linear`: `y = x @ W`.
 
-    def __init__(self, qw: QuantWeight, dtype=jnp.float32, kernel: str = "xla"):
-        self.qweight = QuantParam(qw.qweight)
-        self.scales = QuantParam(qw.scales)
-        self.qzeros = QuantParam(qw.qzeros)
-        self.g_idx = QuantParam(qw.g_idx)
+    `axes`, the logical axes `(input, output)` of the dense kernel it replaces, shard the packed
+    arrays with their layer: `qweight` and `g_idx` by input and output, `scales`/`qzeros` by
+    group and output (a single group is replicated along the input).
+    """
+
+    def __init__(self, qw: QuantWeight, dtype=jnp.float32, kernel: str = "xla",
+                 axes: tuple[str | None, str | None] | None = None):
+        group_axes = None if axes is None else ((axes[0] if qw.scales.shape[0] > 1 else None), axes[1])
+        meta = lambda logical: {} if axes is None else {"logical_axes": logical}
+        self.qweight = QuantParam(qw.qweight, **meta(axes))
+        self.scales = QuantParam(qw.scales, **meta(group_axes))
+        self.qzeros = QuantParam(qw.qzeros, **meta(group_axes))
+        self.g_idx = QuantParam(qw.g_idx, **meta(None if axes is None else axes[:1]))
         self.bits, self.groupsize, self.in_features = qw.bits, qw.groupsize, qw.in_features
         self.dtype, self.kernel = dtype, kernel
 
@@ -59,6 +98,26 @@ class QuantLinear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return qmatmul(x.astype(self.dtype), self.weight, self.kernel)
+
+
+def replace_linear(root: nnx.Module, path: str, qw: QuantWeight, kernel: str = "xla") -> None:
+    """Swap the dense `Linear` at `path` for a `QuantLinear` over `qw`, keeping its compute dtype
+    and logical axes."""
+    lin = get_module(root, path)
+    set_linear(root, path, QuantLinear(qw, lin.dtype, kernel, lin.kernel.get_metadata().get("logical_axes")))
+
+
+def abstract_quantized(model: nnx.Module, layout: dict[str, dict]) -> nnx.Module:
+    """An abstract model (`nnx.eval_shape`) with the linears of `layout` declared quantized, in place.
+
+    `layout[path]` has `bits`, `groupsize` and `scales_dtype`; the packed shapes follow from the
+    dense kernel's, so no dense placeholder is ever made.
+    """
+    for path, spec in layout.items():
+        k, n = get_module(model, path).kernel.get_value().shape
+        replace_linear(model, path, QuantWeight.abstract(k, n, spec["bits"], spec["groupsize"],
+                                                         spec.get("scales_dtype", "float16")))
+    return model
 
 
 def get_module(root: nnx.Module, path: str) -> nnx.Module:

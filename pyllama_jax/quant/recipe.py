@@ -60,7 +60,7 @@ def quantize(model: Any, recipe: QuantRecipe = QuantRecipe(), resume_dir: str | 
                       CalibrationConfig(batch_size, resume_dir))
     from pyllama_jax.api import Model
 
-    return Model(model.module, model.tokenizer, model.source)
+    return Model(model.module, model.tokenizer, model.source, quant={"recipe": recipe_record(recipe)})
 
 
 def quant_config(**overrides: Any):
@@ -86,35 +86,73 @@ def recipe_from(q: Any) -> QuantRecipe:
     return QuantRecipe(**{f.name: q[f.name] for f in dataclasses.fields(QuantRecipe)})
 
 
-def load_or_quantize(c: Any) -> Any:
-    """The job's model: the quantized checkpoint at `quant.load` or `quant.save` if it exists,
-    otherwise `c.model` loaded, quantized (when `quant.wbits` > 0) and saved to `quant.save`."""
+GPTQ_ONLY = ("act_order", "percdamp", "blocksize", "calibration", "nsamples", "seqlen", "seed")  # RTN ignores them
+
+
+def recipe_record(recipe: QuantRecipe) -> dict[str, Any]:
+    """The fields that decide a model quantized with `recipe` (RTN: no calibration fields)."""
+    record = dataclasses.asdict(recipe)
+    return {k: v for k, v in record.items() if not (recipe.nearest and k in GPTQ_ONLY)}
+
+
+def describe_quant(quant: dict[str, Any]) -> str:
+    """A checkpoint's `quant` record in words: `GPTQ 4-bit g128, calibration wiki.train.raw`."""
+    r = quant["recipe"]
+    text = QuantRecipe(**{k: v for k, v in r.items() if k in QuantRecipe.__dataclass_fields__}).describe()
+    if "calibration" in r and not r.get("nearest"):
+        text += f", calibration {r['calibration']} ({r['nsamples']} x {r['seqlen']} tokens, seed {r['seed']})"
+    return text + (f" ({quant['made_by']})" if quant.get("made_by") else "")
+
+
+def _differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    return [f"{k}: checkpoint {saved[k]!r}, config {wanted[k]!r}" for k in saved if k in wanted and saved[k] != wanted[k]]
+
+
+def load_or_quantize(c: Any, mesh: Any = None) -> Any:
+    """The job's model: the quantized checkpoint at `quant.load`, or at `quant.save` if it exists and
+    was made by the config's recipe from the config's model (another one is refused, naming what
+    differs); otherwise `c.model` loaded, quantized (when `quant.wbits` > 0) and saved to `quant.save`."""
     import os
     import shutil
 
     import pyllama_jax as pj
     from pyllama_jax.api import Model
-    from pyllama_jax.quant.checkpoint import is_quantized_checkpoint, load_autogptq, load_quantized, save_quantized
+    from pyllama_jax.quant.checkpoint import save_quantized
     from pyllama_jax.quant.qlinear import set_kernel
 
     q = c.quant
+    if not (q.wbits or q.load):
+        return pj.load(c.model, dtype=c.dtype, param_dtype=c.param_dtype, mesh=mesh, kv_dtype=c.kv_dtype)
+    recipe = recipe_from(q)
+    made_from = {"model": c.model, "param_dtype": c.param_dtype}
     folder = os.path.expanduser(q.load or q.save)
-    if folder and os.path.isfile(os.path.join(folder, "quantize_config.json")):
-        module, _, tokenizer = load_autogptq(folder)
-        return Model(set_kernel(module, q.kernel), tokenizer, folder)
-    if folder and is_quantized_checkpoint(folder):
-        module, _, tokenizer = load_quantized(folder)
-        return Model(set_kernel(module, q.kernel), tokenizer, folder)
+    if folder and os.path.isdir(folder) and os.listdir(folder):
+        model = pj.load(folder, dtype=c.dtype, mesh=mesh, kernel=q.kernel, kv_dtype=c.kv_dtype)
+        if model.quant is None:
+            raise ValueError(f"{folder}: not a quantized checkpoint (quant.{'load' if q.load else 'save'})")
+        wanted = recipe_record(recipe) if q.wbits else {}
+        differ = _differences(model.quant["recipe"], wanted)
+        if not q.load:
+            differ += _differences(model.quant.get("made_from", {}), made_from)
+        if differ:
+            raise ValueError(f"{folder} holds a checkpoint made by another recipe than the config's ("
+                             + "; ".join(differ) + "); set quant.save to another folder, delete this one, "
+                             "or match the config to it")
+        return model
     if q.load:
         raise FileNotFoundError(f"quant.load={q.load!r}: no quantized checkpoint there")
-    model = pj.load(c.model, dtype=c.dtype, param_dtype=c.param_dtype)
-    if not q.wbits:
-        return model
-    resume = os.path.join(folder, "resume") if folder else None
-    model = quantize(model, recipe_from(q), resume_dir=resume, batch_size=q.batch_size)
+    model = pj.load(c.model, dtype=c.dtype, param_dtype=c.param_dtype, kv_dtype=c.kv_dtype)
+    resume = folder.rstrip("/") + ".resume" if folder else None
+    model = quantize(model, recipe, resume_dir=resume, batch_size=q.batch_size)
     set_kernel(model.module, q.kernel)
+    model.quant = {"recipe": recipe_record(recipe), "made_from": made_from}
     if folder:
-        size = save_quantized(model.module, folder, q.to_dict(), model.tokenizer)
+        size = save_quantized(model.module, folder, model.quant, model.tokenizer)
         shutil.rmtree(resume, ignore_errors=True)
         print(f"saved {folder}: {size / 2 ** 20:.1f} MiB")
+        model.source = folder
+    if mesh is not None:
+        from pyllama_jax.sharding import place
+
+        model = Model(place.shard(model.module, mesh), model.tokenizer, model.source, mesh, model.quant)
     return model

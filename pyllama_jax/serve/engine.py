@@ -126,7 +126,7 @@ class Engine:
     def _row(cache: KVCache, slot: jax.Array, window: int) -> KVCache:
         """Row `slot`'s first `window` positions, as a one-row cache."""
         take = lambda a: jax.lax.dynamic_slice_in_dim(a[:, :window], slot, 1, axis=0)
-        return KVCache([take(k) for k in cache.k], [take(v) for v in cache.v])
+        return jax.tree.map(take, cache)  # keys and values (and an int8 cache's scales)
 
     @staticmethod
     def _write_row(cache: KVCache, row: KVCache, slot: jax.Array, positions: jax.Array) -> KVCache:
@@ -136,7 +136,7 @@ class Engine:
         back makes XLA copy the entire cache.
         """
         put = lambda big, small: big.at[slot, positions[0]].set(small[0, positions[0]], mode="drop")
-        return KVCache([put(a, w) for a, w in zip(cache.k, row.k)], [put(a, w) for a, w in zip(cache.v, row.v)])
+        return jax.tree.map(put, cache, row)
 
     @staticmethod
     def _sample(logits, seeds, steps, temperature, top_k, top_p):

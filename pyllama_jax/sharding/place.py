@@ -64,17 +64,16 @@ def shard(model: Llama, mesh: Mesh, rules: sr.Rules = sr.RULES) -> Llama:
     return nnx.merge(graphdef, jax.device_put(state, sr.state_shardings(state, mesh, rules)))
 
 
-def cache_sharding(config: ModelConfig, batch: int, length: int, mesh: Mesh,
-                   rules: sr.Rules = sr.RULES) -> NamedSharding:
-    """The sharding of each k/v array of a `[batch, length]` cache: batch over data, heads over tensor."""
-    shape = (batch, length, config.kv_heads, config.head_dim)
-    return NamedSharding(mesh, sr.fit_spec(kv_cache.AXES, shape, mesh.shape, rules))
-
-
 @functools.lru_cache(maxsize=32)
-def _cache_factory(config: ModelConfig, batch: int, length: int, mesh: Mesh) -> Callable[[], KVCache]:
-    return jax.jit(lambda: KVCache.create(config, batch, length),
-                   out_shardings=cache_sharding(config, batch, length, mesh))
+def _cache_factory(config: ModelConfig, batch: int, length: int, mesh: Mesh,
+                   rules: sr.Rules = sr.RULES) -> Callable[[], KVCache]:
+    """A jitted maker of the cache, each array split by its logical axes (batch over data, heads
+    over tensor; an int8 cache's scales like their codes)."""
+    make = lambda: KVCache.create(config, batch, length)
+    shardings = jax.tree.map(
+        lambda a: NamedSharding(mesh, sr.fit_spec(kv_cache.AXES[:a.ndim], a.shape, mesh.shape, rules)),
+        jax.eval_shape(make))
+    return jax.jit(make, out_shardings=shardings)
 
 
 def create_cache(config: ModelConfig, batch: int, length: int, mesh: Mesh | None) -> KVCache:

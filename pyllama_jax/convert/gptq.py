@@ -1,0 +1,98 @@
+"""GPTQ checkpoints of AutoGPTQ / GPTQModel / GPTQ-for-LLaMa: an HF folder whose block linears are packed.
+
+`config.json` (HF's), `quantize_config.json` (`bits`, `group_size`, `desc_act`, `sym`; or the same
+fields as `config.json`'s `quantization_config`) and `*.safetensors` with, per linear,
+`model.layers.N.self_attn.q_proj.{qweight,scales,qzeros,g_idx}` in the v1 packing
+(`pyllama_jax.quant.packing`), which is ours: reading only renames (HF's q/k layout is ours too).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator
+
+import numpy as np
+
+from pyllama_jax.convert import Checkpoint, hf
+from pyllama_jax.convert.tensorfile import SAFETENSORS_DTYPES, read_json, read_safetensors, safetensors_header
+from pyllama_jax.model.config import ModelConfig
+
+QUANT_FIELDS = ("qweight", "scales", "qzeros", "g_idx")
+SUPPORTED_BITS = (2, 3, 4, 8)  # what our packing reads (pyllama_jax.quant.packing)
+LAYER_LINEARS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
+
+
+def quantize_config(folder: str) -> dict[str, Any] | None:
+    """The folder's GPTQ settings (`quantize_config.json`, else `config.json`'s `quantization_config`)."""
+    path = os.path.join(folder, "quantize_config.json")
+    if os.path.isfile(path):
+        return {**read_json(path), "_path": path}
+    config = os.path.join(folder, "config.json")
+    q = read_json(config).get("quantization_config") if os.path.isfile(config) else None
+    return {**q, "_path": config} if isinstance(q, dict) else None
+
+
+def detect(path: str) -> bool:
+    return os.path.isdir(path) and quantize_config(path) is not None
+
+
+def _check(q: dict[str, Any]) -> None:
+    path, fmt = q["_path"], q.get("checkpoint_format", "gptq")
+    if q.get("quant_method", "gptq") != "gptq" or fmt != "gptq":
+        raise ValueError(f"{path}: quant_method={q.get('quant_method', 'gptq')!r}, checkpoint_format={fmt!r} "
+                         "is not supported; expected GPTQ's packed format (quant_method 'gptq', "
+                         "checkpoint_format 'gptq')")
+    if q.get("bits") not in SUPPORTED_BITS:
+        raise ValueError(f"{path}: bits={q.get('bits')!r} is not supported; expected one of {SUPPORTED_BITS}")
+
+
+def ours(name: str) -> str | None:
+    """Our name for an HF tensor name, packed fields included (`...q_proj.qweight` -> `...attn.q.qweight`)."""
+    base, _, field = name.rpartition(".")
+    if field in QUANT_FIELDS:
+        linear = hf.NAMES.ours(f"{base}.weight")
+        return None if linear is None else f"{linear.rpartition('.')[0]}.{field}"
+    return hf.NAMES.ours(name)
+
+
+def theirs(name: str) -> str:
+    """Inverse of `ours`."""
+    base, _, field = name.rpartition(".")
+    if field in QUANT_FIELDS:
+        return f"{hf.NAMES.theirs(base + '.kernel').rpartition('.')[0]}.{field}"
+    return hf.NAMES.theirs(name)
+
+
+def read(folder: str, **overrides: Any) -> Checkpoint:
+    """A GPTQ folder as a checkpoint whose `quant` holds the recipe and the packed layout."""
+    q = quantize_config(folder)
+    _check(q)
+    config_path = os.path.join(folder, "config.json")
+    config = hf.config_from_hf(read_json(config_path), config_path, **overrides)
+    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no .safetensors file in this GPTQ checkpoint")
+    scales_dtype = "float16"
+    for path in files:
+        for name, info in safetensors_header(path).items():
+            if name.endswith(".scales"):
+                scales_dtype = SAFETENSORS_DTYPES[info["dtype"]].name
+    groupsize = int(q.get("group_size", -1))
+    layout = {f"layers.{i}.{p}": {"bits": q["bits"], "groupsize": groupsize, "scales_dtype": scales_dtype}
+              for i in range(config.n_layers) for p in LAYER_LINEARS}
+    recipe = {"wbits": q["bits"], "groupsize": groupsize, "act_order": bool(q.get("desc_act", False)),
+              "sym": bool(q.get("sym", False))}
+    quant = {"recipe": recipe, "made_by": "GPTQ checkpoint (AutoGPTQ/GPTQModel layout)", "layout": layout}
+    return Checkpoint(config, _tensors(config, files), hf.read_tokenizer(folder), folder, quant)
+
+
+def _tensors(config: ModelConfig, files: list[str]) -> Iterator[tuple[str, np.ndarray]]:
+    for path in files:
+        for name, w in read_safetensors(path):
+            if name.endswith(".bias") and not np.any(w):
+                continue  # AutoGPTQ writes all-zero biases for its bias-free linears
+            mine = ours(name)
+            if mine is None:
+                raise ValueError(f"{path}: unexpected tensor {name!r} in a GPTQ LlamaForCausalLM checkpoint")
+            if mine == "lm_head.kernel" and config.tie_embeddings:
+                continue
+            yield mine, w.T if mine.endswith(".kernel") else w

@@ -1,0 +1,48 @@
+"""The int8 KV cache: codes and scales against a numpy reference, and decoding through it against
+the float cache."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pyllama_jax.model.config import preset
+from pyllama_jax.model.kv_cache import KVCache, quantize_int8
+from pyllama_jax.model.llama import init_model
+
+
+def test_int8_codes_and_scales_match_numpy():
+    x = np.random.default_rng(0).standard_normal((2, 5, 3, 16)).astype(np.float32)
+    x[0, 0, 0] = 0.0  # an all-zero head keeps a zero scale and zero codes
+    codes, scale = map(np.asarray, quantize_int8(jnp.asarray(x)))
+    want_scale = np.abs(x).max(-1) / 127.0
+    np.testing.assert_allclose(scale, want_scale, rtol=1e-7)
+    want = np.clip(np.round(x / np.where(want_scale == 0, 1, want_scale)[..., None]), -127, 127)
+    np.testing.assert_array_equal(codes, want)
+    err = np.abs(codes * scale[..., None] - x)
+    assert np.all(err <= 0.5 * scale[..., None] + 1e-7)
+
+
+def test_int8_cache_decodes_like_the_float_cache_in_half_the_bytes():
+    config = preset("tiny", dtype="bfloat16", param_dtype="bfloat16")
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, config.vocab_size, (2, 24)), jnp.int32)
+    logits = {}
+    for kv in ("auto", "int8"):
+        c = config.replace(kv_dtype=kv)
+        model = init_model(c, seed=3)
+        cache = KVCache.create(c, 2, 32)
+        steps = []
+        for t in range(ids.shape[1]):  # one token at a time: every step reads the cache
+            pos = jnp.full((2, 1), t, jnp.int32)
+            out, cache = model(ids[:, t:t + 1], pos, cache)
+            steps.append(out[:, 0])
+        logits[kv] = np.asarray(jnp.stack(steps, 1), np.float32)
+        logits[kv + "_bytes"] = sum(a.nbytes for a in jax.tree.leaves(cache))
+    assert logits["int8"].shape == logits["auto"].shape
+    # int8 keeps each cached value to within 1/254 of its head's largest: logits move by a small
+    # fraction of their spread (bf16 compute alone moves them by ~1%).
+    spread = logits["auto"].std()
+    assert np.abs(logits["int8"] - logits["auto"]).max() < 0.05 * spread
+    head_dim = config.head_dim
+    assert logits["int8_bytes"] == pytest.approx(logits["auto_bytes"] * (head_dim + 4) / (2 * head_dim))
