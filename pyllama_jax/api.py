@@ -59,7 +59,7 @@ class Model:
             return f"{self.source}: dense, {c.param_dtype} weights, {c.dtype} compute"
         from pyllama_jax.quant.recipe import describe_quant
 
-        made_from = self.quant.get("made_from")
+        made_from = self.quant.get("made_from", {}).get("model")
         return f"{self.source}: {describe_quant(self.quant)}" + (f", made from {made_from}" if made_from else "")
 
     @property

@@ -39,7 +39,9 @@ class Tokenizer:
         if self.kind == "sentencepiece":
             ids = self._sentencepiece_ids(text)
         else:
-            ids = self.backend.encode(text, add_special_tokens=False).ids
+            # encode_batch releases the GIL (encode does not), so a server's event loop keeps
+            # running while another thread tokenizes a huge prompt
+            ids = self.backend.encode_batch([text], add_special_tokens=False)[0].ids
         if bos is None:
             bos = self.add_bos and ids[:1] != [self.bos_id]
         if bos and self.bos_id is not None:

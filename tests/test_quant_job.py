@@ -46,3 +46,35 @@ def test_job_quantizes_saves_reloads_and_evaluates(tmp_path, data_dir):
     assert out.returncode == 0, out.stderr[-2000:]
     printed = float(re.search(r"perplexity ([\d.]+) over 2 windows of 64", out.stdout).group(1))
     assert abs(printed - expected) < 1e-3 * expected
+
+
+def test_saved_checkpoint_is_reused_only_for_its_own_recipe(tmp_path):
+    """A checkpoint records the recipe and source that made it: a job asking for another recipe is
+    refused with what differs, a dense job ignores it, and the loaded model is labelled by it."""
+    import pytest
+
+    from pyllama_jax.config import base_config
+    from pyllama_jax.convert import native
+    from pyllama_jax.model.params import named_tensors
+    from pyllama_jax.quant.recipe import load_or_quantize, quant_config
+    from pyllama_jax.train.tiny import random_model
+
+    source = random_model("random:tiny", 0)
+    native.save(str(tmp_path / "dense"), source.config, named_tensors(source.module), source.tokenizer)
+    c = base_config()
+    c.model = str(tmp_path / "dense")
+    c.quant = quant_config(wbits=4, groupsize=32, nearest=True, save=str(tmp_path / "q"))
+    made = load_or_quantize(c)
+    assert "RTN 4-bit g32" in made.describe()
+    reloaded = load_or_quantize(c)
+    assert reloaded.source == str(tmp_path / "q") and reloaded.quant["recipe"] == made.quant["recipe"]
+    assert "RTN 4-bit g32" in reloaded.describe() and str(tmp_path / "dense") in reloaded.describe()
+    c.quant.nearest = False  # GPTQ asked for, an RTN checkpoint on disk
+    with pytest.raises(ValueError, match="nearest: checkpoint True, config False"):
+        load_or_quantize(c)
+    c.quant.nearest, c.quant.groupsize = True, 64
+    with pytest.raises(ValueError, match="groupsize: checkpoint 32, config 64"):
+        load_or_quantize(c)
+    c.quant.wbits = 0  # the dense model, whatever quant.save holds
+    dense = load_or_quantize(c)
+    assert dense.quant is None and "dense" in dense.describe()
