@@ -61,9 +61,26 @@ class KVCache:
 
 
 def write(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
-    """Store `new[b, t]` at `cache[b, positions[b, t]]`; positions past the end are dropped."""
-    rows = jnp.arange(new.shape[0])[:, None]
-    return constrain(cache.at[rows, positions].set(new.astype(cache.dtype), mode="drop"), AXES)
+    """Store `new[b, t]` at `cache[b, positions[b, t]]`; positions past the end are dropped.
+
+    Each row's `positions[b]` are consecutive slots (`start + arange(t)`), as every caller writes:
+    one in-place `dynamic_update_slice` per row. (XLA's CPU backend copies the whole cache for a
+    scatter, so each layer's cache would be held twice.)
+    """
+    length, t = cache.shape[1], new.shape[1]
+    new = new.astype(cache.dtype)
+    if t > length:  # more tokens than slots: only a scatter can drop the overflow
+        rows = jnp.arange(new.shape[0])[:, None]
+        return constrain(cache.at[rows, positions].set(new, mode="drop"), AXES[:cache.ndim])
+    for r in range(new.shape[0]):
+        start = positions[r, 0]
+        begin = jnp.clip(start, 0, length - t)  # where the block fits; slots before `start` keep
+        index = begin + jnp.arange(t) - start  # their values, tokens past the end are dropped
+        old = jax.lax.dynamic_slice_in_dim(jax.lax.dynamic_slice_in_dim(cache, r, 1, 0), begin, t, 1)
+        valid = ((index >= 0) & (index < t)).reshape((1, t) + (1,) * (cache.ndim - 2))
+        block = jnp.where(valid, jnp.take(new[r:r + 1], jnp.clip(index, 0, t - 1), axis=1), old)
+        cache = jax.lax.dynamic_update_slice(cache, block, (r, begin) + (0,) * (cache.ndim - 2))
+    return constrain(cache, AXES[:cache.ndim])
 
 
 def quantize_int8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -84,8 +101,6 @@ def update(layer: tuple[jax.Array, ...], k: jax.Array, v: jax.Array, positions: 
         layer = (write(layer[0], k, positions), write(layer[1], v, positions))
         return layer, layer[0][:b, :window], layer[1][:b, :window]
     (kq, ks), (vq, vs) = quantize_int8(k), quantize_int8(v)
-    rows = jnp.arange(b)[:, None]
-    put = lambda a, new: a.at[rows, positions].set(new, mode="drop")
-    layer = (write(layer[0], kq, positions), write(layer[1], vq, positions), put(layer[2], ks), put(layer[3], vs))
+    layer = tuple(write(a, new, positions) for a, new in zip(layer, (kq, vq, ks, vs)))
     read = lambda q, s: (q[:b, :window].astype(jnp.float32) * s[:b, :window, :, None]).astype(k.dtype)
     return layer, read(layer[0], layer[2]), read(layer[1], layer[3])
