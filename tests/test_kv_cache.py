@@ -46,3 +46,33 @@ def test_int8_cache_decodes_like_the_float_cache_in_half_the_bytes():
     assert np.abs(logits["int8"] - logits["auto"]).max() < 0.05 * spread
     head_dim = config.head_dim
     assert logits["int8_bytes"] == pytest.approx(logits["auto_bytes"] * (head_dim + 4) / (2 * head_dim))
+
+
+@pytest.mark.parametrize("t", [1, 5])
+def test_write_matches_numpy_and_drops_past_the_end(t):
+    from pyllama_jax.model.kv_cache import write
+
+    rng = np.random.default_rng(2)
+    cache = rng.standard_normal((4, 8, 2, 3)).astype(np.float32)
+    new = rng.standard_normal((4, t, 2, 3)).astype(np.float32)
+    starts = np.array([0, 3, 8 - t + 2, 8])  # in range, in range, partly past the end, wholly past it
+    positions = starts[:, None] + np.arange(t)
+    want = cache.copy()
+    for b in range(4):
+        for i in range(t):
+            if positions[b, i] < 8:
+                want[b, positions[b, i]] = new[b, i]
+    got = write(jnp.asarray(cache), jnp.asarray(new), jnp.asarray(positions, jnp.int32))
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_cache_write_is_in_place():
+    """A decode step's cache update writes into the donated cache: no scratch copy of it (each
+    row's write reads that row's old values, so one row's worth of scratch is the most)."""
+    from pyllama_jax.model.kv_cache import write
+
+    cache = jax.ShapeDtypeStruct((16, 512, 8, 64), jnp.bfloat16)
+    new = jax.ShapeDtypeStruct((16, 1, 8, 64), jnp.bfloat16)
+    positions = jax.ShapeDtypeStruct((16, 1), jnp.int32)
+    memory = jax.jit(write, donate_argnums=0).lower(cache, new, positions).compile().memory_analysis()
+    assert memory.temp_size_in_bytes <= 512 * 8 * 64 * 2, memory.temp_size_in_bytes
