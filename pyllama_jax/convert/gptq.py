@@ -32,7 +32,12 @@ def quantize_config(folder: str) -> dict[str, Any] | None:
 
 
 def detect(path: str) -> bool:
-    return os.path.isdir(path) and quantize_config(path) is not None
+    """A `quantize_config.json`, or a `quantization_config` of GPTQ's (transformers writes others,
+    e.g. `gguf` for weights it dequantized, into plain HF folders)."""
+    if not os.path.isdir(path):
+        return False
+    q = quantize_config(path)
+    return q is not None and (q["_path"].endswith("quantize_config.json") or q.get("quant_method") == "gptq")
 
 
 def _check(q: dict[str, Any]) -> None:

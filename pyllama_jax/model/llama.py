@@ -16,6 +16,7 @@ from flax import nnx
 from pyllama_jax.model import kv_cache
 from pyllama_jax.model.config import ModelConfig
 from pyllama_jax.model.kv_cache import KVCache
+from pyllama_jax.model.order import after
 from pyllama_jax.sharding.rules import constrain
 
 ACT_AXES = ("batch", "length", "embed")  # logical axes of the residual stream (sharding rules)
@@ -36,6 +37,22 @@ class Linear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+
+
+def output_head(x: jax.Array, w: jax.Array, chunk: int = 4096) -> jax.Array:
+    """Float32 logits `x @ w` for the output head `w[dim, vocab]`.
+
+    XLA's CPU backend computes a 16-bit dot in float32 and makes a float32 copy of the weight
+    (0.5 GiB for LLaMA-7B's head) for it: there the vocabulary goes in slices made one after
+    another, so one slice's copy is alive at a time. Other backends take the dot as it is.
+    """
+    if jax.default_backend() != "cpu" or w.dtype == jnp.float32 or w.shape[1] <= chunk:
+        return jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    parts: list[jax.Array] = []
+    for start in range(0, w.shape[1], chunk):
+        part = after(parts[-1] if parts else x, w[:, start:start + chunk])
+        parts.append(jnp.dot(x, part.astype(x.dtype), preferred_element_type=jnp.float32))
+    return jnp.concatenate(parts, axis=-1)
 
 
 class RMSNorm(nnx.Module):
@@ -87,9 +104,11 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array, mask: jax.Array,
                  kv: tuple[jax.Array, ...] | None):
         b, t, _ = x.shape
-        q = apply_rope(self.q(x).reshape(b, t, self.n_heads, self.head_dim), positions, inv_freq)
-        k = apply_rope(self.k(x).reshape(b, t, self.kv_heads, self.head_dim), positions, inv_freq)
-        v = self.v(x).reshape(b, t, self.kv_heads, self.head_dim)
+        q = self.q(x)  # k's and v's weights are made (dequantized, upcast) one after another
+        k = self.k(after(q, x))
+        v = self.v(after(k, x)).reshape(b, t, self.kv_heads, self.head_dim)
+        q = apply_rope(q.reshape(b, t, self.n_heads, self.head_dim), positions, inv_freq)
+        k = apply_rope(k.reshape(b, t, self.kv_heads, self.head_dim), positions, inv_freq)
         if kv is not None:  # one layer's cache arrays (`KVCache.layer`); see Llama's kv_window
             kv, k, v = kv_cache.update(kv, k, v, positions, mask.shape[-1])
         groups = self.n_heads // self.kv_heads
@@ -110,7 +129,8 @@ class MLP(nnx.Module):
         self.down = Linear(c.hidden_dim, c.dim, ("mlp", "embed"), config=c, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+        gate = jax.nn.silu(self.gate(x))
+        return self.down(gate * self.up(after(gate, x)))  # one weight's working set at a time
 
 
 def causal_mask(positions: jax.Array, key_length: int | None = None,
@@ -205,10 +225,11 @@ class Llama(nnx.Module):
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
         x = self.norm(x)
-        if self.lm_head is None:
-            logits = jnp.dot(x, self.embed[...].astype(x.dtype).T, preferred_element_type=jnp.float32)
+        if isinstance(self.lm_head, Linear) or self.lm_head is None:
+            w = self.embed[...].T if self.lm_head is None else self.lm_head.kernel[...]
+            logits = output_head(x, w)
         else:
-            logits = self.lm_head(x)
+            logits = self.lm_head(x)  # a wrapped head (a LoRA adapter)
         logits = constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
         return logits, (KVCache.from_layers(new_layers) if cache is not None else None)
 
