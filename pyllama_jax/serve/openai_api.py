@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hmac
 import ipaddress
 import json
@@ -112,6 +113,12 @@ class API:
 
     def __init__(self, engine: Engine, model_name: str):
         self.engine, self.model_name, self.tokenizer = engine, model_name, engine.tokenizer
+        # one tokenizing thread, off the event loop: a fixed set of threads (and of their malloc
+        # arenas), so the server's memory does not grow with the number of concurrent requests
+        self._tokenizing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+
+    def _off_loop(self, fn: Callable[..., Any], *args: Any) -> Awaitable[Any]:
+        return asyncio.get_running_loop().run_in_executor(self._tokenizing, fn, *args)
 
     def _check_model(self, p: Params) -> None:
         if p.model is not None and p.model != self.model_name:
@@ -121,12 +128,12 @@ class API:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         prompts, p = protocol.parse_completion(await _json(request), self.engine.slots)
         self._check_model(p)
-        return await self._respond(request, await asyncio.to_thread(self._prompt_ids, prompts), p, chat=False)
+        return await self._respond(request, await self._off_loop(self._prompt_ids, prompts), p, chat=False)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         messages, p = protocol.parse_chat(await _json(request), self.engine.slots)
         self._check_model(p)
-        return await self._respond(request, [await asyncio.to_thread(self._chat_ids, messages)], p, chat=True)
+        return await self._respond(request, [await self._off_loop(self._chat_ids, messages)], p, chat=True)
 
     def _prompt_ids(self, prompts: list[str | list[int]]) -> list[list[int]]:
         """Each prompt's token ids, checked. Runs in a worker thread: a huge prompt takes seconds."""
