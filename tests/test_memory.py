@@ -4,7 +4,6 @@ placeholder. Checked by XLA's memory analysis of compiled programs and by the pe
 fresh process loading a checkpoint of a few wide layers."""
 from __future__ import annotations
 
-import functools
 import os
 import subprocess
 import sys
@@ -18,7 +17,6 @@ from flax import nnx
 from pyllama_jax.model.config import preset
 from pyllama_jax.model.kv_cache import KVCache
 from pyllama_jax.model.llama import abstract_model
-from pyllama_jax.quant.packing import QuantWeight
 from pyllama_jax.quant.qlinear import LAYER_LINEARS, abstract_quantized
 
 WIDE = dict(vocab_size=2048, dim=1024, n_heads=8, hidden_dim=2816, max_seq_len=64)
@@ -98,7 +96,6 @@ import resource, sys
 import jax, numpy as np
 jax.numpy.zeros(1).block_until_ready()
 import pyllama_jax as pj
-from pyllama_jax.model.params import named_tensors
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 m = pj.load(sys.argv[1])
 jax.block_until_ready(jax.tree.leaves(m._state))
@@ -121,7 +118,7 @@ def _folder_bytes(folder) -> int:
 def wide_checkpoints(tmp_path_factory):
     """A 4-bit g128 and a dense bfloat16 native checkpoint of the same 6 wide layers."""
     from pyllama_jax.convert import native
-    from pyllama_jax.model.params import named_tensors
+    from pyllama_jax.model.params import expected_shapes
     from pyllama_jax.quant.checkpoint import save_quantized
 
     root = tmp_path_factory.mktemp("wide")
@@ -129,7 +126,6 @@ def wide_checkpoints(tmp_path_factory):
     save_quantized(model, str(root / "q4"), {"recipe": {"wbits": 4, "groupsize": 128}})
     dense = model.config.replace(dtype="bfloat16", param_dtype="bfloat16")
     rng = np.random.default_rng(0)
-    from pyllama_jax.model.params import expected_shapes
     tensors = ((n, rng.standard_normal(s, np.float32) * 0.02) for n, s in expected_shapes(dense).items())
     native.save(str(root / "bf16"), dense, tensors)
     return root
