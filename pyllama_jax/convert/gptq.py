@@ -15,10 +15,10 @@ import numpy as np
 from pyllama_jax.convert import Checkpoint, hf
 from pyllama_jax.convert.tensorfile import SAFETENSORS_DTYPES, read_json, read_safetensors, safetensors_header
 from pyllama_jax.model.config import ModelConfig
+from pyllama_jax.model.params import LAYER_LINEARS
 
 QUANT_FIELDS = ("qweight", "scales", "qzeros", "g_idx")
 SUPPORTED_BITS = (2, 3, 4, 8)  # what our packing reads (pyllama_jax.quant.packing)
-LAYER_LINEARS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
 
 
 def quantize_config(folder: str) -> dict[str, Any] | None:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from pyllama_jax.model.llama import Block, Llama, causal_mask, rope_frequencies
 from pyllama_jax.quant.gptq import GPTQConfig, HessianAccumulator, gptq_quantize
-from pyllama_jax.quant.qlinear import LAYER_LINEARS, QuantLinear, get_module, set_linear
+from pyllama_jax.quant.qlinear import LAYER_LINEARS, get_module, replace_linear, set_linear
 from pyllama_jax.quant.rtn import QuantSpec, rtn_quantize
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def quantize_rtn(model: Llama, spec: QuantSpec) -> Llama:
     for i, layer in enumerate(tqdm(model.layers, desc=f"RTN {spec.bits}-bit", unit="block")):
         for path in LAYER_LINEARS:
             lin = get_module(layer, path)
-            set_linear(layer, path, QuantLinear(rtn_quantize(lin.kernel[...], spec, f"layers.{i}.{path}"), lin.dtype))
+            replace_linear(layer, path, rtn_quantize(lin.kernel[...], spec, f"layers.{i}.{path}"))
     return model
 
 
@@ -139,7 +139,7 @@ def _resume_point(model: Llama, settings: dict, folder: str) -> tuple[int, np.nd
         done -= 1  # only the inputs of the first unfinished block are kept
     for i in range(done):
         for path, qw in load_quant_weights(os.path.join(folder, f"block{i:03d}.safetensors")).items():
-            set_linear(model.layers[i], path, QuantLinear(qw, get_module(model.layers[i], path).dtype))
+            replace_linear(model.layers[i], path, qw)
     if done:
         x = np.load(os.path.join(folder, f"inputs{done:03d}.npy"))
         log.info("resuming GPTQ at block %d from %s", done, folder)
@@ -197,7 +197,7 @@ def quantize_gptq(model: Llama, calib: np.ndarray, spec: QuantSpec, gptq: GPTQCo
         for path in paths:
             lin = get_module(layer, path)
             qw, loss = gptq_quantize(lin.kernel[...], h, spec, gptq, f"layers.{i}.{path}")
-            set_linear(layer, path, QuantLinear(qw, lin.dtype))
+            replace_linear(layer, path, qw)
             log.info("layers.%d.%s: GPTQ loss %.4g", i, path, loss)
 
     for i in tqdm(range(start, model.config.n_layers), desc=f"GPTQ {spec.bits}-bit", unit="block",
