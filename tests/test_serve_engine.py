@@ -176,6 +176,54 @@ def test_text_stream_characters_and_stops(stop):
     assert stream.stopped == bool(cuts)
 
 
+def _log_softmax(model, ids: list[int]) -> np.ndarray:
+    """Independent reference: numpy log-softmax of the uncached forward's logits `[len(ids), vocab]`."""
+    logits = np.asarray(model(jax.numpy.asarray([ids], jax.numpy.int32))[0][0], np.float64)
+    top = logits.max(-1, keepdims=True)
+    return logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+
+
+def test_logprobs_match_log_softmax(tiny):
+    """A sampled request asking for logprobs (beside one that does not, sharing decode steps) gets, for
+    each generated token, the raw model's log-softmax at that token and its 3 most likely tokens; the
+    events' tokens are exactly the ones behind its text. `score()` rates a prompt the same way."""
+    model, tokenizer = tiny
+    engine = Engine(model, tokenizer, slots=2, prefill_chunk=8).start()
+    events: list[Event] = []
+    done = threading.Event()
+
+    def on_event(event: Event) -> None:
+        events.append(event)
+        if event.finish_reason:
+            done.set()
+
+    prompt = [7, 40, 41, 42, 99, 100, 12, 13, 14, 15, 16]
+    try:
+        plain = Collector(1)
+        engine.submit(Request([5, 6, 7], 30, plain(0), ignore_eos=True),
+                      Request(prompt, 24, on_event, temperature=0.9, seed=3, ignore_eos=True, logprobs=3))
+        assert done.wait(120)
+        plain.wait()
+        scored = engine.score([prompt, prompt[:4]], top=2)
+    finally:
+        engine.close()
+    entries = [e for ev in events for e in ev.logprobs]
+    tokens = [e.token for e in entries]
+    assert len(tokens) == 24 and tokenizer.decode(tokens) == "".join(ev.text for ev in events)
+    ref = _log_softmax(model, prompt + tokens)
+    for k, e in enumerate(entries):
+        row = ref[len(prompt) - 1 + k]
+        assert abs(e.logprob - row[e.token]) < 1e-4, k
+        assert [t for t, _ in e.top] == list(np.argsort(-row)[:3]), k
+        np.testing.assert_allclose([v for _, v in e.top], np.sort(row)[::-1][:3], atol=1e-4)
+    assert min(e.logprob for e in entries) < max(e.top[0][1] for e in entries) - 0.1  # sampled, not all argmax
+    assert plain.final[0].logprobs is None
+    ref = _log_softmax(model, prompt)
+    np.testing.assert_allclose(scored[0].logprobs, ref[np.arange(len(prompt) - 1), prompt[1:]], atol=1e-4)
+    np.testing.assert_array_equal(scored[0].top_ids, np.argsort(-ref[:-1], axis=-1)[:, :2])
+    np.testing.assert_allclose(scored[1].logprobs, scored[0].logprobs[:3], atol=1e-5)  # padding changes nothing
+
+
 def test_sharded_engine_matches_single_device():
     """On 8 simulated CPU devices (data 2 x fsdp 2 x tensor 2), the engine's greedy output equals the
     single-device generator's, and the cache stays split: slots over data, kv heads over tensor."""

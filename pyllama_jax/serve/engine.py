@@ -7,7 +7,9 @@ temperature, top-k, top-p and random stream (`fold_in(key(seed), token_index)`, 
 whatever else is running). A step runs on the smallest block of rows and cache positions that holds
 every active slot, both rounded up to powers of two: one user does not pay for idle slots or unused
 context, and a session compiles a handful of programs, all fixed by the slot count and context and all
-compiled by `warmup()`, so no request stalls the others to compile one.
+compiled by `warmup()`, so no request stalls the others to compile one. A step computes log-
+probabilities (`serve.logprobs`) only when one of its rows asked for them; `score()` rates whole
+prompts with the uncached forward (`echo`).
 """
 from __future__ import annotations
 
@@ -25,9 +27,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from pyllama_jax.eval.scoring import Scorer, Scores, pow2 as _pow2, pow2s as _pow2s
 from pyllama_jax.generate import sample
 from pyllama_jax.model.kv_cache import KVCache
 from pyllama_jax.model.llama import Llama
+from pyllama_jax.serve.logprobs import TOP, TokenLogprob, entry, step_logprobs
 from pyllama_jax.serve.text import TextStream
 from pyllama_jax.sharding import place
 from pyllama_jax.tokenizer import Tokenizer
@@ -48,6 +52,7 @@ class Event:
     text: str
     finish_reason: str | None = None  # "stop" (EOS or stop string), "length", "cancelled" or "error"
     completion_tokens: int = 0  # tokens generated so far
+    logprobs: list[TokenLogprob] | None = None  # with `Request.logprobs`: the tokens since the last event
 
 
 @dataclasses.dataclass(eq=False)
@@ -63,6 +68,7 @@ class Request:
     seed: int = 0  # with temperature > 0: the same seed gives the same tokens
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # keep generating past end-of-sequence (benchmarks)
+    logprobs: int | None = None  # report each token's logprob and this many alternatives (<= TOP)
     cancelled: bool = False
 
 
@@ -72,21 +78,7 @@ class _Slot:
     text: TextStream
     prefilled: int = 0  # prompt tokens already in the cache
     generated: int = 0
-
-
-def _pow2(n: int, low: int, high: int) -> int:
-    b = low
-    while b < n:
-        b *= 2
-    return min(b, high)
-
-
-def _pow2s(low: int, high: int) -> list[int]:
-    """Every value `_pow2(n, low, high)` can take: low, 2 low, 4 low, ... capped at high."""
-    sizes = [min(low, high)]
-    while sizes[-1] < high:
-        sizes.append(min(2 * sizes[-1], high))
-    return sizes
+    pending: list[TokenLogprob] = dataclasses.field(default_factory=list)  # logprobs not yet sent
 
 
 class Engine:
@@ -104,6 +96,7 @@ class Engine:
         self.max_queue, self.prefill_chunk = max_queue, prefill_chunk
         self._graphdef, self._state = nnx.split(model)
         self._mesh = mesh
+        self._scorer = Scorer(model, mesh)
         self._cache = place.create_cache(self.config, slots, self.context, mesh)
         self._prefill = jax.jit(self._prefill_fn, static_argnames=("window",), donate_argnames=("cache",))
         self._decode = jax.jit(self._decode_fn, static_argnames=("window",), donate_argnames=("cache",))
@@ -119,6 +112,7 @@ class Engine:
         self._temperature = np.zeros(slots, np.float32)
         self._top_k = np.zeros(slots, np.int32)
         self._top_p = np.ones(slots, np.float32)
+        self._want = np.zeros(slots, bool)  # the slot's request asked for logprobs
 
     # ---- jitted programs -------------------------------------------------------------------------
 
@@ -148,21 +142,25 @@ class Engine:
         return jax.lax.cond(jnp.any(temperature > 0), sampled,
                             lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32))
 
-    def _prefill_fn(self, state, cache, slot, tokens, start, last, seed, temperature, top_k, top_p, *, window):
-        """Run `tokens[1, chunk]` at positions `start...` through row `slot`; sample from index `last`."""
+    def _prefill_fn(self, state, cache, slot, tokens, start, last, seed, temperature, top_k, top_p, want, *,
+                    window):
+        """Run `tokens[1, chunk]` at positions `start...` through row `slot`; sample from index `last`
+        (and its logprobs if `want`)."""
         model = nnx.merge(self._graphdef, state)
         positions = start + jnp.arange(tokens.shape[1])[None]
         logits, row = model(tokens, positions, self._row(cache, slot, window), logits_at=last[None])
         nxt = self._sample(logits[:, 0], seed[None], jnp.zeros(1, jnp.int32), temperature[None],
                            top_k[None], top_p[None])
-        return nxt[0], self._write_row(cache, row, slot, positions)
+        return (nxt, *step_logprobs(logits[:, 0], nxt, want[None])), self._write_row(cache, row, slot, positions)
 
-    def _decode_fn(self, state, cache, tokens, positions, seeds, steps, temperature, top_k, top_p, *, window):
+    def _decode_fn(self, state, cache, tokens, positions, seeds, steps, temperature, top_k, top_p, wants, *,
+                   window):
         """One token for each of the first `len(tokens)` slots, attending over the first `window`
-        positions (a slot at position >= context writes nothing)."""
+        positions (a slot at position >= context writes nothing), with logprobs if a row `wants`."""
         model = nnx.merge(self._graphdef, state)
         logits, cache = model(tokens[:, None], positions[:, None], cache, kv_window=window)
-        return self._sample(logits[:, 0], seeds, steps, temperature, top_k, top_p), cache
+        nxt = self._sample(logits[:, 0], seeds, steps, temperature, top_k, top_p)
+        return (nxt, *step_logprobs(logits[:, 0], nxt, wants)), cache
 
     # ---- public API --------------------------------------------------------------------------------
 
@@ -189,10 +187,10 @@ class Engine:
             if window >= self._prefill_window(0):
                 _, self._cache = self._prefill(
                     self._state, self._cache, z, jnp.zeros((1, self.prefill_chunk), jnp.int32), z, z,
-                    jnp.zeros((), jnp.uint32), jnp.zeros(()), z, jnp.ones(()), window=window)
+                    jnp.zeros((), jnp.uint32), jnp.zeros(()), z, jnp.ones(()), jnp.zeros((), bool), window=window)
             for rows in _pow2s(1, self.slots):
                 nxt, self._cache = self._decode(self._state, self._cache, *self._decode_inputs(rows), window=window)
-        nxt.block_until_ready()
+        nxt[0].block_until_ready()
 
     def check(self, prompt_tokens: int, max_tokens: int) -> None:
         """Raise ValueError, saying by how much, if a request cannot fit the context."""
@@ -205,6 +203,15 @@ class Engine:
             raise ValueError(f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) is "
                              f"{prompt_tokens + max_tokens} tokens, {over} more than this model's context "
                              f"of {self.context} tokens; shorten the prompt or lower max_tokens")
+
+    def score(self, prompts: list[list[int]], top: int = 0) -> list[Scores]:
+        """Each prompt's token logprobs and `top` alternatives (the uncached forward, on the calling
+        thread); ValueError if a prompt is longer than the context or has ids outside the vocabulary."""
+        for p in prompts:
+            if len(p) > self.context:
+                raise ValueError(f"the prompt ({len(p)} tokens) is longer than this model's context of "
+                                 f"{self.context} tokens")
+        return self._scorer.score(prompts, top)
 
     def submit(self, *requests: Request) -> None:
         """Queue requests (all or none); raises ValueError if one cannot fit, QueueFull if no room."""
@@ -235,7 +242,7 @@ class Engine:
     def stream(self, prompt: list[int], max_tokens: int, **knobs: Any) -> Iterator[Event]:
         """Submit one request from a plain thread and iterate over its events (closing cancels it).
 
-        `knobs` are the other fields of `Request` (temperature, top_p, top_k, seed, stop, ignore_eos).
+        `knobs` are the other fields of `Request` (temperature, top_p, top_k, seed, stop, ignore_eos, logprobs).
         """
         events: queue.Queue[Event] = queue.Queue()
         request = Request(prompt, max_tokens, events.put, **knobs)
@@ -299,6 +306,7 @@ class Engine:
                 self._rows[i] = _Slot(r, TextStream(self.tokenizer, r.stop))
                 self._seeds[i] = np.uint32(r.seed & 0xFFFFFFFF)
                 self._temperature[i], self._top_k[i], self._top_p[i] = r.temperature, r.top_k, r.top_p
+                self._want[i] = r.logprobs is not None
 
     def _prefill_window(self, start: int) -> int:
         return _pow2(start + self.prefill_chunk, MIN_WINDOW, self.context)
@@ -315,16 +323,18 @@ class Engine:
             nxt, self._cache = self._prefill(
                 self._state, self._cache, jnp.int32(i), jnp.asarray(chunk), jnp.int32(start),
                 jnp.int32(len(part) - 1), jnp.uint32(self._seeds[i]), jnp.float32(self._temperature[i]),
-                jnp.int32(self._top_k[i]), jnp.float32(self._top_p[i]), window=self._prefill_window(start))
+                jnp.int32(self._top_k[i]), jnp.float32(self._top_p[i]), jnp.bool_(self._want[i]),
+                window=self._prefill_window(start))
             s.prefilled += len(part)
             if s.prefilled == len(prompt):
                 self._positions[i] = len(prompt)
-                self._on_token(i, int(nxt))
+                self._on_token(i, *self._host(nxt, 0, self._want[i]))
 
     def _decode_inputs(self, rows: int) -> tuple:
         steps = np.array([s.generated if s is not None else 0 for s in self._rows[:rows]], np.int32)
         return tuple(jnp.asarray(a[:rows]) for a in (self._tokens, self._positions, self._seeds)) + (
-            jnp.asarray(steps),) + tuple(jnp.asarray(a[:rows]) for a in (self._temperature, self._top_k, self._top_p))
+            jnp.asarray(steps),) + tuple(jnp.asarray(a[:rows]) for a in (self._temperature, self._top_k, self._top_p,
+                                                                          self._want))
 
     def _decode_step(self) -> None:
         decoding = [i for i, s in enumerate(self._rows) if s is not None and s.prefilled == len(s.request.prompt)]
@@ -333,27 +343,43 @@ class Engine:
         for i in range(rows):  # rows with no decoding request sit past the cache: their writes drop
             if i not in decoding:
                 self._positions[i] = self.context
-        nxt, self._cache = self._decode(self._state, self._cache, *self._decode_inputs(rows), window=window)
-        nxt = np.asarray(nxt)
+        out, self._cache = self._decode(self._state, self._cache, *self._decode_inputs(rows), window=window)
+        want = bool(self._want[decoding].any())
+        out = tuple(np.asarray(a) for a in (out if want else out[:1]))  # logprobs leave the device only if asked
         for i in decoding:
             self._positions[i] += 1
-            self._on_token(i, int(nxt[i]))
+            self._on_token(i, *self._host(out, i, want))
 
-    def _on_token(self, i: int, token: int) -> None:
+    def _host(self, out: tuple, i: int, want: bool) -> tuple[int, tuple | None]:
+        """Row `i` of a step's (tokens, logprobs, top ids, top logprobs): its token and, if wanted, the rest."""
+        return int(np.asarray(out[0])[i]), (tuple(np.asarray(a)[i] for a in out[1:]) if want else None)
+
+    def _on_token(self, i: int, token: int, logprobs: tuple | None = None) -> None:
         s = self._rows[i]
         r = s.request
         s.generated += 1
         self._tokens[i] = token
-        if token in self.tokenizer.eos_ids and not r.ignore_eos:
-            self._finish(i, Event(s.text.flush(), "stop", s.generated))
+        eos = token in self.tokenizer.eos_ids and not r.ignore_eos
+        if r.logprobs is not None and not eos:  # the end-of-sequence token is not part of the text
+            s.pending.append(entry(token, logprobs[0], logprobs[1], logprobs[2], min(r.logprobs, TOP)))
+        if eos:
+            self._finish(i, self._event(s, s.text.flush(), "stop"))
             return
         text = s.text.push(token)
         if s.text.stopped:
-            self._finish(i, Event(text, "stop", s.generated))
+            self._finish(i, self._event(s, text, "stop"))
         elif s.generated >= r.max_tokens:
-            self._finish(i, Event(text + s.text.flush(), "length", s.generated))
+            self._finish(i, self._event(s, text + s.text.flush(), "length"))
         elif text:
-            self._notify(r, Event(text, None, s.generated))
+            self._notify(r, self._event(s, text, None))
+
+    @staticmethod
+    def _event(s: _Slot, text: str, finish_reason: str | None) -> Event:
+        """An event for slot `s`, carrying (and clearing) its pending logprobs if it asked for them."""
+        logprobs = None
+        if s.request.logprobs is not None:
+            logprobs, s.pending = s.pending, []
+        return Event(text, finish_reason, s.generated, logprobs)
 
     def _finish(self, i: int, event: Event) -> None:
         request = self._rows[i].request
