@@ -1,9 +1,10 @@
 """Log-probabilities of whole token sequences: the scoring behind lm-eval and the server's `echo`.
 
-`Scorer.score(rows)` runs each row through the model's uncached forward once and returns, for
-every position after the first, the log-softmax of the raw logits (temperature 1, no truncation)
-at the row's next token, plus the `top` most likely tokens there. Rows are padded on the right
-and grouped into batches whose row count and length are powers of two (the length capped at the
+`Scorer.score(rows)` runs each row but its last token (which is only a target) through the
+model's uncached forward once and returns, for every position after the first, the log-softmax of
+the raw logits (temperature 1, no truncation) at the row's next token, plus the `top` most likely
+tokens there; a row may so be one token longer than the context. Rows are padded on the right and
+grouped into batches whose row count and length are powers of two (the length capped at the
 model's context), so a session compiles a handful of programs; a batch holds at most
 `token_budget` tokens, which bounds the float32 logits alive at once.
 """
@@ -57,9 +58,9 @@ def pow2s(low: int, high: int) -> list[int]:
 
 
 def _score_fn(graphdef: Any, top: int):
-    def score(state, ids, mask):
-        logits, _ = nnx.merge(graphdef, state)(ids, attention_mask=mask)
-        logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    def score(state, ids, mask):  # ids[b, t + 1]: the forward reads t tokens, predicting ids[:, 1:]
+        logits, _ = nnx.merge(graphdef, state)(ids[:, :-1], attention_mask=mask[:, :-1])
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         chosen = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
         if top == 0:
             empty = ids[:, 1:, None][..., :0]
@@ -88,8 +89,9 @@ class Scorer:
 
     def check(self, row: Sequence[int]) -> None:
         """Raise ValueError naming what is wrong with one row."""
-        if len(row) > self.max_len:
-            raise ValueError(f"a sequence of {len(row)} tokens exceeds the model's context of {self.max_len}")
+        if len(row) > self.max_len + 1:
+            raise ValueError(f"a sequence of {len(row)} tokens exceeds the model's context of {self.max_len} "
+                             f"(plus the last token, which is only scored)")
         bad = [t for t in row if not 0 <= t < self.config.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
@@ -105,7 +107,7 @@ class Scorer:
         out: list[Scores | None] = [None] * len(rows)
         start = 0
         while start < len(order):  # longest first: a batch's first row sets its length
-            length = pow2(max(len(rows[order[start]]), 2), MIN_LENGTH, self.max_len)
+            length = pow2(len(rows[order[start]]) - 1, MIN_LENGTH, self.max_len)  # tokens the forward reads
             fit = max(1, min(self.max_batch, self.token_budget // length))
             take = order[start:start + fit]
             batch = pow2(len(take), 1, self.max_batch)
@@ -118,8 +120,8 @@ class Scorer:
         return out  # type: ignore[return-value]
 
     def _run(self, rows: list[Sequence[int]], batch: int, length: int, k: int) -> list[Scores]:
-        ids = np.zeros((batch, length), np.int32)
-        mask = np.zeros((batch, length), np.int32)
+        ids = np.zeros((batch, length + 1), np.int32)
+        mask = np.zeros((batch, length + 1), np.int32)
         for i, row in enumerate(rows):
             ids[i, :len(row)], mask[i, :len(row)] = row, 1
         chosen, index, values = (np.asarray(a) for a in self._fn(k)(self._state, jnp.asarray(ids), jnp.asarray(mask)))

@@ -6,6 +6,8 @@ import time
 import uuid
 from typing import Any
 
+from pyllama_jax.serve.logprobs import MAX_COMPLETIONS, TOP
+
 _NUMBER = (int, float)
 
 
@@ -36,6 +38,8 @@ class Params:
     stream: bool
     include_usage: bool
     ignore_eos: bool
+    logprobs: int | None = None  # alternatives to report per token; None: no logprobs
+    echo: bool = False  # completions: the prompt leads the text (and its tokens the logprobs)
 
 
 # field -> (accepted Python types, description used in error messages)
@@ -53,16 +57,19 @@ _COMMON: dict[str, tuple[tuple[type, ...], str]] = {
     "ignore_eos": ((bool,), "a boolean"),  # extension (as in vLLM): generate exactly max_tokens
     "user": ((str,), "a string"),
 }
-_COMPLETIONS = {**_COMMON, "prompt": ((str, list), "a string, a list of strings or a list of token ids")}
+_COMPLETIONS = {**_COMMON, "prompt": ((str, list), "a string, a list of strings or a list of token ids"),
+                "logprobs": ((int,), f"an integer from 0 to {MAX_COMPLETIONS}"), "echo": ((bool,), "a boolean")}
 _CHAT = {**_COMMON, "messages": ((list,), "a list of messages"),
-         "max_completion_tokens": ((int,), "an integer")}
+         "max_completion_tokens": ((int,), "an integer"), "logprobs": ((bool,), "a boolean"),
+         "top_logprobs": ((int,), f"an integer from 0 to {TOP}")}
 # OpenAI fields accepted only at their neutral value (what not sending them means).
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logprobs": (False, 0), "top_logprobs": (0,),
+    "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "top_logprobs": (0,),
     "logit_bias": ({},), "echo": (False,), "best_of": (1,), "suffix": ("",), "tools": ([],), "functions": ([],),
     "tool_choice": ("none",), "parallel_tool_calls": (False, True), "response_format": ({"type": "text"},),
     "store": (False,), "metadata": ({},), "service_tier": ("auto", "default"),
 }
+_ONLY_IN = {"echo": "/v1/completions", "top_logprobs": "/v1/chat/completions (completions take 'logprobs': N)"}
 
 
 def _lone_surrogate(value: Any) -> str | None:
@@ -100,7 +107,8 @@ def _check_fields(body: Any, spec: dict[str, tuple[tuple[type, ...], str]], requ
                                f"{ascii(surrogate)}, half of a UTF-16 pair", name, code="invalid_value")
         elif name in _NEUTRAL:
             if value is not None and value not in _NEUTRAL[name]:
-                raise APIError(400, f"'{name}'={value!r:.60} is not supported by this server", name,
+                where = f": it is a field of {_ONLY_IN[name]}" if name in _ONLY_IN else ""
+                raise APIError(400, f"'{name}'={value!r:.60} is not supported by this server{where}", name,
                                code="unsupported_parameter")
         else:
             raise APIError(400, f"Unrecognized request argument supplied: {name}", name, code="unknown_parameter")
@@ -118,15 +126,17 @@ def _range(body: dict, name: str, default: float, low: float, high: float) -> fl
     return value
 
 
-def _params(body: dict[str, Any], max_tokens_field: str, max_n: int) -> Params:
+def _params(body: dict[str, Any], max_tokens_field: str, max_n: int, logprobs: int | None = None,
+            echo: bool = False) -> Params:
     stop = body.get("stop")
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not all(isinstance(s, str) for s in stop) or len(stop) > 4:
         raise APIError(400, "'stop' must be a string or a list of at most 4 strings", "stop", code="invalid_value")
     max_tokens = body.get(max_tokens_field, body.get("max_tokens"))
-    if max_tokens is not None and max_tokens < 1:
-        raise APIError(400, f"'{max_tokens_field}'={max_tokens}: expected at least 1", max_tokens_field,
-                       code="invalid_value")
+    if max_tokens is not None and max_tokens < (0 if echo else 1):
+        also = "" if echo or max_tokens < 0 else " (0, to score the prompt, needs 'echo': true)"
+        raise APIError(400, f"'{max_tokens_field}'={max_tokens}: expected at least {0 if echo else 1}{also}",
+                       max_tokens_field, code="invalid_value")
     options = body.get("stream_options") or {}
     return Params(model=body.get("model"), max_tokens=max_tokens,
                   temperature=float(_range(body, "temperature", 1.0, 0.0, 2.0)),
@@ -134,7 +144,7 @@ def _params(body: dict[str, Any], max_tokens_field: str, max_n: int) -> Params:
                   top_k=int(_range(body, "top_k", 0, 0, 1 << 30)),
                   n=int(_range(body, "n", 1, 1, max_n)), stop=tuple(stop), seed=body.get("seed"),
                   stream=bool(body.get("stream")), include_usage=bool(options.get("include_usage")),
-                  ignore_eos=bool(body.get("ignore_eos")))
+                  ignore_eos=bool(body.get("ignore_eos")), logprobs=logprobs, echo=echo)
 
 
 def parse_completion(body: Any, max_n: int) -> tuple[list[str | list[int]], Params]:
@@ -149,7 +159,10 @@ def parse_completion(body: Any, max_n: int) -> tuple[list[str | list[int]], Para
     else:
         raise APIError(400, "'prompt' must be a string, a list of strings, a list of token ids or a list of "
                        "lists of token ids", "prompt", code="invalid_type")
-    return prompts, _params(body, "max_tokens", max_n)
+    logprobs = body.get("logprobs")
+    if logprobs is not None:
+        logprobs = int(_range(body, "logprobs", 0, 0, MAX_COMPLETIONS))
+    return prompts, _params(body, "max_tokens", max_n, logprobs, bool(body.get("echo")))
 
 
 def parse_chat(body: Any, max_n: int) -> tuple[list[dict[str, str]], Params]:
@@ -173,7 +186,10 @@ def parse_chat(body: Any, max_n: int) -> tuple[list[dict[str, str]], Params]:
         messages.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
     if not messages:
         raise APIError(400, "'messages' must not be empty", "messages", code="invalid_value")
-    return messages, _params(body, "max_completion_tokens", max_n)
+    top = int(_range(body, "top_logprobs", 0, 0, TOP))
+    if body.get("top_logprobs") is not None and not body.get("logprobs"):
+        raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs", code="invalid_value")
+    return messages, _params(body, "max_completion_tokens", max_n, top if body.get("logprobs") else None)
 
 
 def new_id(prefix: str) -> str:
@@ -193,14 +209,15 @@ def envelope(rid: str, obj: str, model: str, choices: list[dict], use: dict | No
     return out
 
 
-def completion_choice(index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
-    return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": None}
+def completion_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict[str, Any]:
+    return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}
 
 
-def chat_choice(index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
+def chat_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict[str, Any]:
     return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason,
-            "logprobs": None}
+            "logprobs": logprobs}
 
 
-def chat_delta(index: int, delta: dict[str, str], finish_reason: str | None) -> dict[str, Any]:
-    return {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+def chat_delta(index: int, delta: dict[str, str], finish_reason: str | None,
+               logprobs: dict | None = None) -> dict[str, Any]:
+    return {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
