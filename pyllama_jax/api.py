@@ -62,6 +62,14 @@ class Model:
         made_from = self.quant.get("made_from", {}).get("model")
         return f"{self.source}: {describe_quant(self.quant)}" + (f", made from {made_from}" if made_from else "")
 
+    def save(self, path: str, format: str = "native", *, overwrite: bool = False, **options: Any) -> None:
+        """Write this model as `native` (ours, dense or quantized), `hf` (dense), `gptq` (Hugging Face's
+        GPTQ layout, quantized) or `gguf` (a `.gguf` file; `gguf_type="f32"|"f16"|"bf16"|"q8_0"|"q4_1"`);
+        `dtype` picks native/hf storage. See `pyllama_jax.quant.checkpoint.save_model`."""
+        from pyllama_jax.quant.checkpoint import save_model
+
+        save_model(self.module, path, format, self.tokenizer, self.quant, overwrite=overwrite, **options)
+
     @property
     def generator(self) -> Generator:
         if self.tokenizer is None:

@@ -98,22 +98,24 @@ def test_load_hand_packed_autogptq_checkpoint(tmp_path):
 
 def test_export_then_import_autogptq(tmp_path):
     model = _quantized(bits=4, groupsize=32)
-    export_autogptq(model, str(tmp_path), {"wbits": 4, "groupsize": 32})
-    qc = json.loads((tmp_path / "quantize_config.json").read_text())
+    export_autogptq(model, str(tmp_path / "gptq"), {"wbits": 4, "groupsize": 32})
+    qc = json.loads((tmp_path / "gptq" / "quantize_config.json").read_text())
     assert (qc["bits"], qc["group_size"], qc["checkpoint_format"]) == (4, 32, "gptq")
-    loaded, _ = _load(tmp_path)
-    # scales travel as float16, as AutoGPTQ stores them
-    np.testing.assert_allclose(np.asarray(loaded(IDS)[0]), np.asarray(model(IDS)[0]), rtol=2e-3, atol=2e-3)
+    assert json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"] == qc
+    loaded, _ = _load(tmp_path / "gptq")
+    # scales keep the model's dtype (float32 here), so the round trip is exact
+    np.testing.assert_array_equal(np.asarray(loaded(IDS)[0]), np.asarray(model(IDS)[0]))
     for name, qw in quantized_linears(loaded).items():
         np.testing.assert_array_equal(np.asarray(qw.qweight), np.asarray(quantized_linears(model)[name].qweight))
 
 
 @pytest.mark.parametrize("change,match", [
-    ({"checkpoint_format": "gptq_v2"}, "checkpoint_format='gptq_v2' is not supported"),
+    ({"checkpoint_format": "gptq_v3"}, "checkpoint_format='gptq_v3' is not supported"),
     ({"quant_method": "awq"}, "quant_method='awq'"),
     ({"bits": 5}, "bits=5 is not supported"),
 ])
 def test_unsupported_autogptq_format(tmp_path, change, match):
+    tmp_path = tmp_path / "gptq"
     export_autogptq(_quantized(), str(tmp_path), {"wbits": 4, "groupsize": 32})
     qc = json.loads((tmp_path / "quantize_config.json").read_text())
     (tmp_path / "quantize_config.json").write_text(json.dumps({**qc, **change}))
@@ -122,6 +124,7 @@ def test_unsupported_autogptq_format(tmp_path, change, match):
 
 
 def test_autogptq_wrong_packed_shape(tmp_path):
+    tmp_path = tmp_path / "gptq"
     export_autogptq(_quantized(), str(tmp_path), {"wbits": 4, "groupsize": 32})
     qc = json.loads((tmp_path / "quantize_config.json").read_text())
     (tmp_path / "quantize_config.json").write_text(json.dumps({**qc, "bits": 3}))
