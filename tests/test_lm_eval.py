@@ -26,14 +26,17 @@ from pyllama_jax.serve.openai_api import bind, create_app, serve  # noqa: E402
 TASKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lm_eval_task")
 WINDOW = 48  # tokens a loglikelihood row may read (and a rolling window's length)
 NAME = "smollm2-135m"
+PAD = 64  # the reference's one padded length
 TOL = 2e-4  # summed over up to 48 float32 log-probabilities
 
 
 # ---- the independent reference -------------------------------------------------------------------
 
 def log_softmax(model, ids: list[int]) -> np.ndarray:
-    """float64 log-softmax of `Model.logits(ids)` `[len(ids), vocab]`."""
-    logits = np.asarray(model.logits(ids)[0], np.float64)
+    """float64 log-softmax of `Model.logits(ids)` `[len(ids), vocab]`, run right-padded to PAD tokens
+    (causal attention: what follows a position does not change it) so that it compiles once."""
+    assert len(ids) <= PAD
+    logits = np.asarray(model.logits(list(ids) + [0] * (PAD - len(ids)))[0, :len(ids)], np.float64)
     top = logits.max(-1, keepdims=True)
     return logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
+import lm_eval.models  # noqa: F401  (lm-eval lists its own models only while its registry is empty: first)
 import numpy as np
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
@@ -60,7 +61,7 @@ class PyllamaLM(TemplateLM):
         self.batch_size = 8 if batch_size in ("auto", None) or str(batch_size).startswith("auto") else int(batch_size)
         self.max_length = int(max_length or self.model.config.max_seq_len)
         self.max_gen_toks = int(max_gen_toks)
-        self.scorer = Scorer(self.model.module, self.model.mesh, token_budget, max_batch=self.batch_size)
+        self.scorer = Scorer(self.model.module, self.model.mesh, token_budget, self.batch_size, self.batch_size)
 
     @property
     def eot_token_id(self) -> int:

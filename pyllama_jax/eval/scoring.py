@@ -23,8 +23,8 @@ from pyllama_jax.model.llama import Llama
 from pyllama_jax.sharding import place
 from pyllama_jax.sharding.rules import replicated, state_shardings
 
-TOP_SIZES = (0, 1, 5, 20)  # alternatives computed per position: the smallest of these >= what is asked
-MIN_LENGTH = 16
+TOP_SIZES = (0, 5, 20)  # alternatives computed per position: the smallest of these >= what is asked
+MIN_LENGTH = 64  # shorter forwards cost about the same (weights dominate): one program for them all
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,22 +70,28 @@ def _score_fn(graphdef: Any, top: int):
     return score
 
 
+_PROGRAMS: dict[tuple, Any] = {}  # (graphdef, top, mesh) -> jitted program: scorers of one model share compilations
+
+
 class Scorer:
     """Compiled scoring programs for one model (thread-safe: JAX calls are)."""
 
-    def __init__(self, module: Llama, mesh: Mesh | None = None, token_budget: int = 4096, max_batch: int = 16):
+    def __init__(self, module: Llama, mesh: Mesh | None = None, token_budget: int = 4096, max_batch: int = 16,
+                 min_batch: int = 1):
+        """`min_batch`: rows every batch is padded to at least (fewer programs for a long evaluation)."""
         self.config = module.config
         self.max_len = module.config.max_seq_len
         self.token_budget, self.max_batch = max(token_budget, 1), max(max_batch, 1)
+        self.min_batch = min(max(min_batch, 1), self.max_batch)
         self._graphdef, self._state = nnx.split(module)
         self._mesh = mesh
-        self._fns: dict[int, Any] = {}
 
     def _fn(self, top: int):
-        if top not in self._fns:
+        key = (self._graphdef, top, self._mesh)
+        if key not in _PROGRAMS:
             w, r = state_shardings(self._state, self._mesh), replicated(self._mesh)
-            self._fns[top] = place.jit(_score_fn(self._graphdef, top), self._mesh, (w, r, r), r)
-        return self._fns[top]
+            _PROGRAMS[key] = place.jit(_score_fn(self._graphdef, top), self._mesh, (w, r, r), r)
+        return _PROGRAMS[key]
 
     def check(self, row: Sequence[int]) -> None:
         """Raise ValueError naming what is wrong with one row."""
@@ -110,7 +116,7 @@ class Scorer:
             length = pow2(len(rows[order[start]]) - 1, MIN_LENGTH, self.max_len)  # tokens the forward reads
             fit = max(1, min(self.max_batch, self.token_budget // length))
             take = order[start:start + fit]
-            batch = pow2(len(take), 1, self.max_batch)
+            batch = pow2(len(take), self.min_batch, self.max_batch)
             if batch > fit:  # the power of two would break the budget: round down instead
                 batch = 1 << (fit.bit_length() - 1)
                 take = take[:batch]
