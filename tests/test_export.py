@@ -197,13 +197,15 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_tensors(path) -> dict[str, tuple[str, np.ndarray]]:
-    """Every tensor as the gguf package reads and dequantizes it: name -> (type, float32 [rows, cols])."""
+def gguf_tensors(path, only: tuple[str, ...] | None = None) -> dict[str, tuple[str, np.ndarray]]:
+    """Tensors (all, or `only` these) as the gguf package reads and dequantizes them:
+    name -> (type, float32 [rows, cols])."""
     from gguf import GGUFReader
     from gguf.quants import dequantize as gguf_dequantize
 
     return {t.name: (t.tensor_type.name, gguf_dequantize(t.data, t.tensor_type).reshape(
-        [int(d) for d in reversed(t.shape)]).astype(np.float32)) for t in GGUFReader(str(path)).tensors}
+        [int(d) for d in reversed(t.shape)]).astype(np.float32)) for t in GGUFReader(str(path)).tensors
+        if only is None or t.name in only}
 
 
 def gguf_weight(model: Model, layer: int, path: str, dense: np.ndarray) -> np.ndarray:
@@ -295,7 +297,7 @@ def test_gguf_q4_1_of_smollm2_runs_in_transformers(smollm2_head, tmp_path, capsy
     note = capsys.readouterr().out
     step = float(note.split("at most ")[1].split(" of a")[0])
     assert 0 < step < 30 * 2 ** -11, note
-    tensors = gguf_tensors(path)
+    tensors = gguf_tensors(path, only=("blk.3.ffn_down.weight",))
     qw = quantized_linears(model.module)["layers.3.mlp.down"]
     kind, w = tensors["blk.3.ffn_down.weight"]
     exact = gguf_weight(model, 3, "mlp.down", dequantize(qw))
@@ -303,6 +305,9 @@ def test_gguf_q4_1_of_smollm2_runs_in_transformers(smollm2_head, tmp_path, capsy
     assert kind == "Q4_1" and np.max(np.abs(w - exact) / scale) <= step * (1 + 1e-6)
     ids = np.array([model.tokenizer.encode("The quick brown fox jumps over the lazy dog, and then it runs")])
     back = pj.load(path)
+    text = "In 1905, 3 papers: <|im_start|>user"
+    assert back.tokenizer.encode(text) == model.tokenizer.encode(text)
+    assert back.tokenizer.chat_template == model.tokenizer.chat_template
     ours = np.asarray(back.logits(ids))
     gap = np.abs(transformers_gguf_logits(path, ids) - ours).max()
     assert gap < 1e-3, gap
@@ -324,3 +329,27 @@ def test_gguf_refuses_what_its_blocks_cannot_hold(bits, groupsize, sym, gguf_typ
     with pytest.raises(ValueError, match=match):
         Model(m.module, m.tokenizer).save(str(tmp_path / "x.gguf"), format="gguf", gguf_type=gguf_type)
     assert not os.listdir(tmp_path)  # nothing half-written
+
+
+def test_convert_script_exports_gguf_and_gptq(tmp_path, capsys):
+    """`scripts/convert.py --to gguf|gptq` (through pj.load and Model.save); --to hf still streams."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("convert_script", os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "convert.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    m = random_model("random:tiny", 2)
+    m.save(str(tmp_path / "dense"))
+    with pytest.raises(SystemExit, match="a dense model; GPTQ export needs a quantized one"):
+        script.main(["--src", str(tmp_path / "dense"), "--to", "gptq", "--out", str(tmp_path / "g")])
+    script.main(["--src", str(tmp_path / "dense"), "--to", "gguf", "--gguf-type", "bf16", "--out", str(tmp_path / "d.gguf")])
+    script.main(["--src", str(tmp_path / "dense"), "--to", "hf", "--out", str(tmp_path / "hf")])
+    assert gguf_tensors(tmp_path / "d.gguf", only=("blk.0.attn_q.weight",))["blk.0.attn_q.weight"][0] == "BF16"
+    np.testing.assert_array_equal(np.asarray(pj.load(str(tmp_path / "hf")).logits(IDS)), np.asarray(m.logits(IDS)))
+    quantize_rtn(m.module, QuantSpec(4, 32))
+    q = Model(m.module, m.tokenizer, "random:tiny", quant={"recipe": {"wbits": 4, "groupsize": 32, "nearest": True}})
+    q.save(str(tmp_path / "q"))
+    script.main(["--src", str(tmp_path / "q"), "--to", "gptq", "--out", str(tmp_path / "gptq")])
+    np.testing.assert_array_equal(np.asarray(pj.load(str(tmp_path / "gptq")).logits(IDS)), np.asarray(q.logits(IDS)))
+    assert "wrote" in capsys.readouterr().out
