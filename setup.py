@@ -6,7 +6,8 @@ setup(
     version="0.1.0",
     description="LLaMA in JAX/Flax: load Meta/HF/GGUF checkpoints, GPTQ 2/3/4/8-bit, sharding, serving, fine-tuning",
     packages=find_packages(include=["pyllama_jax", "pyllama_jax.*"]),
-    package_data={"pyllama_jax.serve": ["static/*"]},  # the web chat page
+    package_data={"pyllama_jax.serve": ["static/*"],  # the web chat page
+                  "pyllama_jax.kernels": ["*.cc"]},  # CPU kernels, compiled on first use
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10",

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pyllama_jax.kernels import cpu as cpu_kernels
 from pyllama_jax.model import kv_cache
 from pyllama_jax.model.config import ModelConfig
 from pyllama_jax.model.kv_cache import KVCache
@@ -36,22 +37,34 @@ class Linear(nnx.Module):
         self.dtype = config.compute_dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        x, w = x.astype(self.dtype), self.kernel[...]
+        if cpu_kernels.applies(x, w.dtype):  # a decode step on a CPU: read the 16-bit weight as it is
+            return cpu_kernels.dense_matmul(x, w).astype(self.dtype)
+        return jnp.dot(x, w.astype(self.dtype))
 
 
-def output_head(x: jax.Array, w: jax.Array, chunk: int = 4096) -> jax.Array:
-    """Float32 logits `x @ w` for the output head `w[dim, vocab]`.
+def output_head(x: jax.Array, w: jax.Array, chunk: int = 4096, transposed: bool = False) -> jax.Array:
+    """Float32 logits `x @ w` for the output head `w[dim, vocab]` (`w[vocab, dim]` if `transposed`).
 
     XLA's CPU backend computes a 16-bit dot in float32 and makes a float32 copy of the weight
-    (0.5 GiB for LLaMA-7B's head) for it: there the vocabulary goes in slices made one after
+    (0.5 GiB for LLaMA-7B's head) for it: a decode step there reads the weight as it is
+    (`pyllama_jax.kernels.cpu`), and a longer input takes the vocabulary in slices made one after
     another, so one slice's copy is alive at a time. Other backends take the dot as it is.
     """
-    if jax.default_backend() != "cpu" or w.dtype == jnp.float32 or w.shape[1] <= chunk:
-        return jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    if cpu_kernels.applies(x, w.dtype):
+        return cpu_kernels.dense_matmul(x, w, transposed)
+    vocab = w.shape[0 if transposed else 1]
+
+    def dot(w: jax.Array) -> jax.Array:  # contracting the stored layout: `w.T` would be copied on a CPU
+        return jax.lax.dot_general(x, w.astype(x.dtype), (((x.ndim - 1,), (1 if transposed else 0,)), ((), ())),
+                                   preferred_element_type=jnp.float32)
+
+    if jax.default_backend() != "cpu" or w.dtype == jnp.float32 or vocab <= chunk:
+        return dot(w)
     parts: list[jax.Array] = []
-    for start in range(0, w.shape[1], chunk):
-        part = after(parts[-1] if parts else x, w[:, start:start + chunk])
-        parts.append(jnp.dot(x, part.astype(x.dtype), preferred_element_type=jnp.float32))
+    for start in range(0, vocab, chunk):
+        part = w[start:start + chunk] if transposed else w[:, start:start + chunk]
+        parts.append(dot(after(parts[-1] if parts else x, part)))
     return jnp.concatenate(parts, axis=-1)
 
 
@@ -226,8 +239,8 @@ class Llama(nnx.Module):
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
         x = self.norm(x)
         if isinstance(self.lm_head, Linear) or self.lm_head is None:
-            w = self.embed[...].T if self.lm_head is None else self.lm_head.kernel[...]
-            logits = output_head(x, w)
+            tied = self.lm_head is None
+            logits = output_head(x, self.embed[...] if tied else self.lm_head.kernel[...], transposed=tied)
         else:
             logits = self.lm_head(x)  # a wrapped head (a LoRA adapter)
         logits = constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))

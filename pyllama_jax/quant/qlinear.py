@@ -1,7 +1,8 @@
 """The quantized linear layer, its matmul dispatch, and swapping it into a model.
 
 `qmatmul(x, qw, kernel)` is the one entry point for `x @ W` with a packed `QuantWeight`:
-"xla" dequantizes then multiplies (the reference); "pallas" runs the kernel of
+"xla" dequantizes then multiplies (the reference; on a CPU, a few rows go through the packed-word
+kernel of `pyllama_jax/kernels/cpu.py` instead); "pallas" runs the kernel of
 `pyllama_jax/quant/kernels/dequant_matmul.py` where it applies (GPU, supported shapes).
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pyllama_jax.kernels import cpu as cpu_kernels
 from pyllama_jax.model.order import after
 from pyllama_jax.quant.packing import QuantWeight, dequantize
 
@@ -22,7 +24,11 @@ LAYER_LINEARS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "
 @jax.custom_vjp
 def _xla_qmatmul(x: jax.Array, qw: QuantWeight) -> jax.Array:
     """`x @ dequantize(qw)`, each layer's dense weight made just before its use, in the forward
-    pass and again in the backward one (never saved: a QLoRA step holds one layer's at a time)."""
+    pass and again in the backward one (never saved: a QLoRA step holds one layer's at a time).
+    A decode step on a CPU reads the packed words directly instead (`pyllama_jax.kernels.cpu`)."""
+    if cpu_kernels.applies(x):
+        return cpu_kernels.packed_matmul(x, qw.qweight, qw.scales, qw.qzeros, qw.g_idx, qw.bits,
+                                         qw.groupsize).astype(x.dtype)
     return jnp.dot(x, dequantize(jax.tree.map(functools.partial(after, x), qw), x.dtype))
 
 

@@ -1,0 +1,122 @@
+"""The CPU decode matmuls (`pyllama_jax/kernels/cpu.py`) against numpy, and decoding through them
+against decoding through XLA alone (`PYLLAMA_CPU_KERNELS=0`)."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pyllama_jax.kernels import cpu
+from pyllama_jax.quant.packing import group_index, pack
+
+
+def _numpy_dequantize(codes, scales, zeros, g_idx):
+    """W[i, o] = scale[g_idx[i], o] * (code[i, o] - zero[g_idx[i], o]), in float64."""
+    return np.asarray(scales, np.float64)[g_idx] * (codes - zeros[g_idx])
+
+
+def test_kernels_build_on_this_machine():
+    """CI has a compiler: the kernels must build there, or every figure below silently tests XLA."""
+    assert cpu.applies(jnp.zeros((1, 8)), jnp.bfloat16)
+    assert not cpu.applies(jnp.zeros((1, 8)), jnp.float32)  # float32 weights stay with XLA's dot
+    assert not cpu.applies(jnp.zeros((cpu.MAX_ROWS + 1, 8)), jnp.bfloat16)  # a prefill stays with XLA
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 16])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_dense_matmul_matches_numpy(rows, dtype):
+    rng = np.random.default_rng(rows)
+    k, n = 300, 1100  # neither a multiple of the kernel's tiles
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    w = jnp.asarray(rng.standard_normal((k, n)) * 0.05, dtype)
+    want = x.astype(np.float64) @ np.asarray(w, np.float64)
+    got = np.asarray(jax.jit(cpu.dense_matmul, static_argnums=2)(jnp.asarray(x), w, False))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    got_t = np.asarray(jax.jit(cpu.dense_matmul, static_argnums=2)(jnp.asarray(x), w.T.copy(), True))
+    np.testing.assert_allclose(got_t, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def test_dense_matmul_gradients_match_numpy():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 40)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((40, 24)) * 0.1, jnp.bfloat16)
+    dy = rng.standard_normal((2, 24))
+    for transposed, stored in ((False, w), (True, w.T.copy())):
+        gx, gw = jax.grad(lambda x, w: jnp.sum(cpu.dense_matmul(x, w, transposed) * dy), (0, 1))(x, stored)
+        wf = np.asarray(w, np.float64)
+        np.testing.assert_allclose(np.asarray(gx), dy @ wf.T, rtol=1e-5, atol=1e-5)
+        want_w = np.asarray(x, np.float64).T @ dy
+        np.testing.assert_allclose(np.asarray(gw, np.float64), want_w.T if transposed else want_w, rtol=1e-2,
+                                   atol=1e-2)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("groupsize,act_order", [(128, False), (32, False), (-1, False), (128, True)])
+def test_packed_matmul_matches_numpy(bits, groupsize, act_order):
+    """Every bit width; a last partial group (K = 600); per-column groups; act-order's shuffled g_idx."""
+    rng = np.random.default_rng(bits * 1000 + groupsize)
+    k, n, rows = 600, 200, 3
+    groups = 1 if groupsize == -1 else -(-k // groupsize)
+    codes = rng.integers(0, 2 ** bits, (k, n))
+    zeros = rng.integers(0, 2 ** bits, (groups, n))
+    zeros[0, :5] = 0  # stored as 2**bits - 1 (v1's zero - 1)
+    scales = (rng.random((groups, n)) * 0.02 + 0.001).astype(np.float16)
+    g_idx = group_index(k, groupsize)
+    if act_order:
+        g_idx = rng.permutation(g_idx)
+    qw = pack(codes, scales, zeros, g_idx, bits, groupsize)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    want = x.astype(np.float64) @ _numpy_dequantize(codes, scales, zeros, g_idx)
+    fn = jax.jit(lambda x, a, b, c, d: cpu.packed_matmul(x, a, b, c, d, bits, groupsize))
+    got = np.asarray(fn(jnp.asarray(x), qw.qweight, qw.scales, qw.qzeros, qw.g_idx))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def _greedy(model, prompt: str, n: int = 24):
+    out = model.generate([prompt], max_new_tokens=n, ignore_eos=True)
+    return out.tokens[0]
+
+
+@pytest.fixture(scope="module")
+def smollm2_bf16_weights():
+    import pyllama_jax as pj
+
+    return pj.load("smollm2-135m", param_dtype="bfloat16")  # float32 compute on bfloat16 weights
+
+
+def _without_kernels(monkeypatch, fn):
+    monkeypatch.setenv("PYLLAMA_CPU_KERNELS", "0")
+    try:
+        return fn()
+    finally:
+        monkeypatch.delenv("PYLLAMA_CPU_KERNELS")
+
+
+def test_bf16_decode_matches_xla(smollm2_bf16_weights, monkeypatch):
+    """Greedy tokens through the kernels (every decode step, the tied head included) equal XLA's."""
+    import pyllama_jax as pj
+
+    m = smollm2_bf16_weights
+    prompt = "The history of the printing press begins"
+    fast = _greedy(pj.Model(m.module, m.tokenizer), prompt)
+    slow = _without_kernels(monkeypatch, lambda: _greedy(pj.Model(m.module, m.tokenizer), prompt))
+    assert fast == slow
+
+
+def test_quantized_decode_matches_xla(monkeypatch):
+    """A 4-bit g128 RTN model (float32 compute): greedy tokens through the packed kernel equal the
+    dequantize-then-dot path's."""
+    import pyllama_jax as pj
+    from pyllama_jax.quant.calibrate import quantize_rtn
+    from pyllama_jax.quant.recipe import QuantRecipe
+
+    m = pj.load("smollm2-135m")
+    recipe = QuantRecipe(wbits=4, groupsize=128, nearest=True)
+    module = quantize_rtn(m.module, recipe.spec)  # in place: `m` is this test's own load
+    prompt = "Once upon a time"
+    fast = _greedy(pj.Model(module, m.tokenizer), prompt)
+    slow = _without_kernels(monkeypatch, lambda: _greedy(pj.Model(module, m.tokenizer), prompt))
+    assert fast == slow
