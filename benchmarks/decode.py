@@ -1,96 +1,143 @@
-"""SmolLM2-135M decode and prefill speed: pyllama-jax against HF transformers (PyTorch), same process.
+"""SmolLM2-135M decode and prefill speed on a CPU: pyllama-jax (float32, bfloat16, 8-bit and 4-bit
+round-to-nearest g128) against HF transformers float32, and llama.cpp where `llama-cpp-python` is
+installed (F32 and Q4_1 GGUF files are not made here: pass --llama-cpp-gguf).
 
-Each round runs both tools once per setting, alternating; medians over rounds and the ratio
-ours/theirs are printed (ratios stay meaningful on a noisy shared CPU; absolute figures do not).
+Protocol: every (tool, setting) runs in its own fresh process (JAX's and PyTorch's thread pools never
+share one); rounds alternate the tools; each process warms up (compiles) first, then times greedy
+decoding of --new_tokens tokens after a --prompt_tokens-token prompt (prefill excluded) and a
+--prefill_tokens-token forward. Medians and ranges over rounds are printed, with the ratio to
+transformers and the tokens/s that the weights' bytes allow at --bandwidth GB/s. Run it under
+`chrt -f 10` on a shared machine.
 
-    python benchmarks/decode.py --rounds 5 --new_tokens 64
+    chrt -f 10 python benchmarks/decode.py --rounds 5
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import numpy as np
-import torch
 
-import pyllama_jax as pj
-from pyllama_jax.api import embedded_path
+SETTINGS = {  # name -> (tool, dtype, wbits)
+    "ours f32": ("ours", "float32", 0), "ours bf16": ("ours", "bfloat16", 0),
+    "ours 8-bit": ("ours", "float32", 8), "ours 4-bit": ("ours", "float32", 4),
+    "transformers f32": ("hf", "float32", 0),
+}
 
 
-def hf_model():
+def _ids(vocab: int, batch: int, n: int) -> np.ndarray:
+    return np.random.default_rng(0).integers(100, vocab, (batch, n))
+
+
+def run_ours(dtype: str, wbits: int, args: argparse.Namespace) -> dict:
+    import jax
+    from flax import nnx
+
+    import pyllama_jax as pj
+    from pyllama_jax.quant.calibrate import quantize_rtn
+    from pyllama_jax.quant.recipe import QuantRecipe
+
+    m = pj.load("smollm2-135m", dtype=dtype, param_dtype=dtype)
+    if wbits:
+        m = pj.Model(quantize_rtn(m.module, QuantRecipe(wbits=wbits, groupsize=128, nearest=True).spec),
+                     m.tokenizer)
+    weights = sum(x.nbytes for x in jax.tree.leaves(nnx.state(m.module)))
+    out = {"weight_bytes": weights}
+    for b in args.batches:
+        ids = _ids(m.config.vocab_size, b, args.prompt_tokens).tolist()
+        m.generate(ids, max_new_tokens=4, ignore_eos=True)  # compile
+        g = m.generate(ids, max_new_tokens=args.new_tokens, ignore_eos=True)
+        out[f"decode b={b}"] = g.tokens_per_second
+    ids = _ids(m.config.vocab_size, 1, args.prefill_tokens)
+    m.logits(ids).block_until_ready()  # compile
+    start = time.perf_counter()
+    m.logits(ids).block_until_ready()
+    out[f"prefill {args.prefill_tokens}"] = ids.size / (time.perf_counter() - start)
+    return out
+
+
+def run_hf(args: argparse.Namespace) -> dict:
+    import torch
     from transformers import AutoModelForCausalLM
 
+    from pyllama_jax.api import embedded_path
+
     folder, name = os.path.split(embedded_path("smollm2-135m"))
-    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
-
-
-def hf_decode_tps(model, ids: np.ndarray, new_tokens: int) -> float:
-    """Greedy decode tokens/s of a plain KV-cached loop (prefill excluded), as ours is measured."""
-    x = torch.tensor(ids)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    out = {"weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
     with torch.no_grad():
-        out = model(x, use_cache=True)
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        past = out.past_key_values
-        start = time.perf_counter()
-        for _ in range(new_tokens - 1):
-            out = model(nxt, past_key_values=past, use_cache=True)
-            nxt, past = out.logits[:, -1].argmax(-1, keepdim=True), out.past_key_values
-    return ids.shape[0] * (new_tokens - 1) / (time.perf_counter() - start)
-
-
-def hf_prefill_tps(model, ids: np.ndarray) -> float:
-    x = torch.tensor(ids)
-    start = time.perf_counter()
-    with torch.no_grad():
+        for b in args.batches:
+            x = torch.tensor(_ids(model.config.vocab_size, b, args.prompt_tokens))
+            for n, timed in ((4, False), (args.new_tokens, True)):
+                res = model(x, use_cache=True)
+                nxt, past = res.logits[:, -1].argmax(-1, keepdim=True), res.past_key_values
+                start = time.perf_counter()
+                for _ in range(n - 1):
+                    res = model(nxt, past_key_values=past, use_cache=True)
+                    nxt, past = res.logits[:, -1].argmax(-1, keepdim=True), res.past_key_values
+            out[f"decode b={b}"] = b * (args.new_tokens - 1) / (time.perf_counter() - start)
+        x = torch.tensor(_ids(model.config.vocab_size, 1, args.prefill_tokens))
         model(x)
-    return x.numel() / (time.perf_counter() - start)
+        start = time.perf_counter()
+        model(x)
+        out[f"prefill {args.prefill_tokens}"] = x.numel() / (time.perf_counter() - start)
+    return out
 
 
-def ours_decode_tps(model: pj.Model, ids: np.ndarray, new_tokens: int) -> float:
-    return model.generate(ids.tolist(), max_new_tokens=new_tokens, ignore_eos=True).tokens_per_second
-
-
-def ours_prefill_tps(model: pj.Model, ids: np.ndarray) -> float:
-    start = time.perf_counter()
-    model.logits(ids).block_until_ready()
-    return ids.size / (time.perf_counter() - start)
+def worker(args: argparse.Namespace) -> None:
+    tool, dtype, wbits = SETTINGS[args.worker]
+    out = run_hf(args) if tool == "hf" else run_ours(dtype, wbits, args)
+    print("RESULT " + json.dumps(out), flush=True)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--new_tokens", type=int, default=64)
-    p.add_argument("--prompt_tokens", type=int, default=32)
+    p.add_argument("--new_tokens", type=int, default=128)
+    p.add_argument("--prompt_tokens", type=int, default=11)
     p.add_argument("--prefill_tokens", type=int, default=512)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--bandwidth", type=float, default=27.5, help="memory read bandwidth, GB/s (the limit printed)")
+    p.add_argument("--worker", choices=list(SETTINGS), help=argparse.SUPPRESS)
     args = p.parse_args()
-
-    ours, theirs = pj.load("smollm2-135m"), hf_model()
-    rng = np.random.default_rng(0)
-    vocab = ours.config.vocab_size
-    settings = {f"decode b={b}": (rng.integers(100, vocab, (b, args.prompt_tokens)), b) for b in (1, 8)}
-    settings[f"prefill {args.prefill_tokens}"] = (rng.integers(100, vocab, (1, args.prefill_tokens)), 0)
-    results: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in settings}
-    for name, (ids, batch) in settings.items():  # warm-up: compile every program once
-        ours_decode_tps(ours, ids, 4) if batch else ours_prefill_tps(ours, ids)
+    if args.worker:
+        return worker(args)
+    passthrough = [f"--new_tokens={args.new_tokens}", f"--prompt_tokens={args.prompt_tokens}",
+                   f"--prefill_tokens={args.prefill_tokens}", "--batches", *map(str, args.batches)]
+    results: dict[str, list[dict]] = {s: [] for s in args.settings}
     for r in range(args.rounds):
-        for name, (ids, batch) in settings.items():
-            if batch:
-                a, b = ours_decode_tps(ours, ids, args.new_tokens), hf_decode_tps(theirs, ids, args.new_tokens)
-            else:
-                a, b = ours_prefill_tps(ours, ids), hf_prefill_tps(theirs, ids)
-            results[name][0].append(a)
-            results[name][1].append(b)
-            print(f"round {r}: {name}: ours {a:.1f} tok/s, transformers {b:.1f} tok/s", flush=True)
-    print(f"\nSmolLM2-135M float32, {os.cpu_count()} CPU threads, jax {__import__('jax').__version__}, "
-          f"torch {torch.__version__}, medians of {args.rounds} alternating rounds")
-    print(f"{'setting':<14} {'pyllama-jax tok/s':>18} {'transformers tok/s':>19} {'ratio':>6}")
-    for name, (a, b) in results.items():
-        ma, mb = statistics.median(a), statistics.median(b)
-        print(f"{name:<14} {ma:>18.1f} {mb:>19.1f} {ma / mb:>6.2f}")
+        for s in args.settings:
+            done = subprocess.run([sys.executable, __file__, f"--worker={s}", *passthrough], capture_output=True,
+                                  text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                sys.exit(f"{s} failed:\n{done.stderr[-3000:]}")
+            results[s].append(json.loads(line[7:]))
+            print(f"round {r}: {s}: " + ", ".join(f"{k} {v:.1f}" for k, v in results[s][-1].items()
+                                                 if k != "weight_bytes"), flush=True)
+    import jax
+
+    print(f"\nSmolLM2-135M (GGUF Q4_1 weights, dequantized), {os.cpu_count()} CPU threads, jax {jax.__version__}; "
+          f"tok/s, median [min-max] of {args.rounds} alternating rounds, fresh process each; "
+          f"{args.new_tokens} new tokens after {args.prompt_tokens}; compile and prefill excluded")
+    metrics = [k for k in results[args.settings[0]][0] if k != "weight_bytes"]
+    ref = results.get("transformers f32")
+    print("| setting | weights | " + " | ".join(metrics) + " | b=1 limit at "
+          f"{args.bandwidth:g} GB/s |\n|---|---|" + "---|" * (len(metrics) + 1))
+    for s, runs in results.items():
+        cells = []
+        for k in metrics:
+            v = [run[k] for run in runs]
+            ratio = f" ({statistics.median(v) / statistics.median(x[k] for x in ref):.2f}x)" if ref else ""
+            cells.append(f"{statistics.median(v):.1f} [{min(v):.1f}-{max(v):.1f}]{ratio}")
+        wb = runs[0]["weight_bytes"]
+        print(f"| {s} | {wb / 2**20:.0f} MiB | " + " | ".join(cells) + f" | {args.bandwidth * 1e9 / wb:.0f} |")
 
 
 if __name__ == "__main__":
