@@ -108,7 +108,8 @@ def load(path_or_name: str, dtype: str | None = None, param_dtype: str | None = 
     quantized), or an embedded name.
 
     `dtype` is the compute dtype and `param_dtype` the storage dtype of the weights
-    (float32, bfloat16 or float16; default: the checkpoint's, float32 for dense formats);
+    (float32, bfloat16 or float16; default float32 for dense formats, a native checkpoint's own;
+    `"auto"`: the dtype the checkpoint stores its weights in, as transformers' `dtype="auto"`);
     `kv_dtype="int8"` stores the KV cache as int8 with per-position, per-head scales. With a
     `mesh` (`pyllama_jax.sharding.mesh.make_mesh`), each device receives only its shard as tensors
     stream in. A quantized checkpoint streams into a model declared with its packed shapes (never

@@ -58,8 +58,9 @@ class NameMap:
 def open_checkpoint(path_or_name: str, **overrides: Any) -> Checkpoint:
     """Open a `.gguf` file, an HF, Meta or native folder, or an embedded model name.
 
-    `overrides` replace `ModelConfig` fields (e.g. `param_dtype`). A tokenizer with more tokens
-    than the model's vocabulary is refused here, so every loader and converter checks it.
+    `overrides` replace `ModelConfig` fields (e.g. `param_dtype`); `dtype`/`param_dtype="auto"`
+    mean the dtype the checkpoint stores its weights in (see `stored_dtype`). A tokenizer with more
+    tokens than the model's vocabulary is refused here, so every loader and converter checks it.
     """
     from pyllama_jax import tokenizer as tok
     from pyllama_jax.api import EMBEDDED, embedded_path
@@ -68,7 +69,7 @@ def open_checkpoint(path_or_name: str, **overrides: Any) -> Checkpoint:
     path = embedded_path(path_or_name) if path_or_name in EMBEDDED else os.path.expanduser(path_or_name)
     if path.endswith(".gguf"):
         g = gguf.GGUFFile(path)
-        config = g.config(**overrides)
+        config = g.config(**_resolve_auto(overrides, lambda: g.stored_dtype()))
         sp = os.path.join(os.path.dirname(path), "tokenizer.model")
         tokenizer = tok.from_sentencepiece(sp) if os.path.isfile(sp) else tok.from_gguf(g.fields, path)
         ckpt = Checkpoint(config, g.tensors(config), tokenizer, path)
@@ -81,8 +82,20 @@ def open_checkpoint(path_or_name: str, **overrides: Any) -> Checkpoint:
         if fmt is None:
             raise ValueError(f"{path}: not a recognised checkpoint (expected a .gguf file, or a folder with "
                              f"config.json, params.json + consolidated.*.pth, or {native.MANIFEST})")
-        ckpt = fmt.read(path, **overrides)
+        ckpt = fmt.read(path, **_resolve_auto(overrides, lambda: fmt.stored_dtype(path)))
     if ckpt.tokenizer is not None and ckpt.tokenizer.vocab_size > ckpt.config.vocab_size:
         raise ValueError(f"{ckpt.tokenizer.source}: tokenizer has {ckpt.tokenizer.vocab_size} tokens "
                          f"but the model's vocabulary is {ckpt.config.vocab_size}")
     return ckpt
+
+
+FLOAT_DTYPES = {"float32", "bfloat16", "float16"}
+
+
+def _resolve_auto(overrides: dict[str, Any], stored: Any) -> dict[str, Any]:
+    """`overrides` with each `"auto"` dtype replaced by `stored()`, the checkpoint's weight dtype."""
+    keys = [k for k in ("dtype", "param_dtype") if overrides.get(k) == "auto"]
+    if not keys:
+        return overrides
+    dtype = stored()
+    return {**overrides, **dict.fromkeys(keys, dtype if dtype in FLOAT_DTYPES else "float32")}

@@ -46,6 +46,13 @@ class GGUFFile:
             raise ValueError(f"{self.path}: metadata field {key!r} is missing")
         return self.fields[key]
 
+    def stored_dtype(self) -> str:
+        """The float type of the token embedding (F32/F16/BF16); float32 for quantized ones, which
+        are dequantized to float32."""
+        embed = next((t for t in self.reader.tensors if t.name == "token_embd.weight"), None)
+        kind = embed.tensor_type.name if embed is not None else "F32"
+        return {"F16": "float16", "BF16": "bfloat16"}.get(kind, "float32")
+
     def config(self, **overrides: Any) -> ModelConfig:
         names = {t.name for t in self.reader.tensors}
         if "rope_freqs.weight" in names:

@@ -87,6 +87,11 @@ def theirs(name: str) -> str:
     return hf.NAMES.theirs(name)
 
 
+def stored_dtype(folder: str) -> str:
+    """The dtype of the checkpoint's unquantized weights (embedding, norms), as transformers reads it."""
+    return hf.stored_dtype(folder)
+
+
 def read(folder: str, **overrides: Any) -> Checkpoint:
     """A GPTQ folder as a checkpoint whose `quant` holds the recipe and the packed layout."""
     q = quantize_config(folder)

@@ -12,7 +12,7 @@ import numpy as np
 
 from pyllama_jax import tokenizer as tok
 from pyllama_jax.convert import Checkpoint, NameMap
-from pyllama_jax.convert.tensorfile import (NUMPY_DTYPES, SafetensorsWriter, atomic_folder, load_torch, read_json,
+from pyllama_jax.convert.tensorfile import (NUMPY_DTYPES, SAFETENSORS_DTYPES, SafetensorsWriter, atomic_folder, load_torch, read_json,
                                             read_safetensors, safetensors_header, torch_to_numpy, write_json)
 from pyllama_jax.model.config import ModelConfig, RopeScaling
 from pyllama_jax.model.params import expected_shapes
@@ -108,6 +108,26 @@ def weight_files(folder: str) -> list[str]:
             return [os.path.join(folder, single)]
     raise FileNotFoundError(f"{folder}: no weights found; expected one of "
                             f"{[f for pair in _WEIGHTS for f in pair]}")
+
+
+def stored_dtype(folder: str) -> str:
+    """The dtype transformers' `dtype="auto"` picks: config.json's `dtype`/`torch_dtype`, else the
+    first floating-point weight's."""
+    cfg = read_json(os.path.join(folder, "config.json"))
+    named = cfg.get("dtype") or cfg.get("torch_dtype")
+    if isinstance(named, str):
+        return named.removeprefix("torch.")
+    return first_float_dtype(weight_files(folder)[0])
+
+
+def first_float_dtype(path: str) -> str:
+    """The dtype name (`bfloat16`, ...) of the first floating-point tensor in a weight file."""
+    if path.endswith(".safetensors"):
+        dtypes = (SAFETENSORS_DTYPES[info["dtype"]] for info in safetensors_header(path).values())
+        names = [d.name for d in dtypes if d.kind == "f" or d.name == "bfloat16"]
+    else:
+        names = [str(t.dtype).removeprefix("torch.") for t in load_torch(path).values() if t.is_floating_point()]
+    return names[0] if names else "float32"
 
 
 def read_tokenizer(*folders: str) -> tok.Tokenizer | None:

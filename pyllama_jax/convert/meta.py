@@ -60,6 +60,11 @@ def shard_paths(folder: str) -> list[str]:
     return [os.path.join(folder, f"consolidated.{n:02d}.pth") for n in numbers]
 
 
+def stored_dtype(folder: str) -> str:
+    """The dtype of the first floating-point tensor of `consolidated.00.pth` (Meta's: bfloat16)."""
+    return hf.first_float_dtype(shard_paths(folder)[0])
+
+
 def read(folder: str, **overrides: Any) -> Checkpoint:
     """A Meta folder as a checkpoint: params.json checked against the shards' tensor shapes."""
     params_path = os.path.join(folder, "params.json")

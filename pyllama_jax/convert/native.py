@@ -30,6 +30,11 @@ def detect(path: str) -> bool:
     return os.path.isfile(os.path.join(path, MANIFEST))
 
 
+def stored_dtype(folder: str) -> str:
+    """The `param_dtype` the checkpoint was saved with."""
+    return read_json(os.path.join(folder, MANIFEST)).get("config", {}).get("param_dtype", "float32")
+
+
 def read(folder: str, **overrides: Any) -> Checkpoint:
     manifest_path = os.path.join(folder, MANIFEST)
     manifest = read_json(manifest_path)
