@@ -56,7 +56,8 @@ class NameMap:
 
 
 def open_checkpoint(path_or_name: str, **overrides: Any) -> Checkpoint:
-    """Open a `.gguf` file, an HF, Meta or native folder, or an embedded model name.
+    """Open a `.gguf` file, an HF, Meta or native folder, an embedded model name, or a Hugging Face
+    Hub id (`owner/name`, see `hub.resolve`).
 
     `overrides` replace `ModelConfig` fields (e.g. `param_dtype`); `dtype`/`param_dtype="auto"`
     mean the dtype the checkpoint stores its weights in (see `stored_dtype`). A tokenizer with more
@@ -64,9 +65,14 @@ def open_checkpoint(path_or_name: str, **overrides: Any) -> Checkpoint:
     """
     from pyllama_jax import tokenizer as tok
     from pyllama_jax.api import EMBEDDED, embedded_path
-    from pyllama_jax.convert import gguf, gptq, hf, meta, native
+    from pyllama_jax.convert import gguf, gptq, hf, hub, meta, native
 
-    path = embedded_path(path_or_name) if path_or_name in EMBEDDED else os.path.expanduser(path_or_name)
+    if path_or_name in EMBEDDED:
+        path = embedded_path(path_or_name)
+    elif hub.is_hub_id(path_or_name):
+        path = hub.resolve(path_or_name)
+    else:
+        path = os.path.expanduser(path_or_name)
     if path.endswith(".gguf"):
         g = gguf.GGUFFile(path)
         config = g.config(**_resolve_auto(overrides, lambda: g.stored_dtype()))
