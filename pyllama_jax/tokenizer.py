@@ -104,6 +104,13 @@ class Tokenizer:
         except SecurityError as e:
             raise ValueError(f"{self.source}: the chat template tried something unsafe, refused: {e}") from None
 
+    def token_id(self, text: str) -> int | None:
+        """The id of the single token `text` (e.g. a special token), None if there is none."""
+        if self.kind == "sentencepiece":
+            i = self.backend.piece_to_id(text)
+            return i if self.backend.id_to_piece(i) == text else None
+        return self.backend.token_to_id(text)
+
     def token_text(self, token_id: int | None) -> str:
         if token_id is None:
             return ""

@@ -19,6 +19,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from pyllama_jax import tokenizer as tok
+from pyllama_jax.chat_templates import builtin_template
 from pyllama_jax.convert import Checkpoint, NameMap, hf
 from pyllama_jax.convert.tensorfile import (NUMPY_DTYPES, atomic_folder, load_torch, numpy_to_torch, read_json,
                                             torch_files, torch_to_numpy, write_json)
@@ -76,6 +77,8 @@ def read(folder: str, **overrides: Any) -> Checkpoint:
                                                         _merged(states, "tok_embeddings.weight"))
     config = config_from_params(params, params_path, shapes, **{"tie_embeddings": tied, **overrides})
     tokenizer = hf.read_tokenizer(folder, os.path.dirname(os.path.abspath(folder)))
+    if tokenizer is not None and not tokenizer.chat_template:  # Meta ships none: LLaMA-2's or LLaMA-3's
+        tokenizer.chat_template = builtin_template(tokenizer)
     return Checkpoint(config, _tensors(config, states, paths), tokenizer, folder)
 
 
