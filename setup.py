@@ -21,10 +21,11 @@ setup(
         "gguf>=0.10",
         "sentencepiece>=0.2",
         "tokenizers>=0.20",
+        "tiktoken>=0.7",  # LLaMA-3 tokenizer.model (tiktoken BPE)
         "jinja2>=3.1",
         "tqdm>=4.60",
         "matplotlib>=3.7",
-        "huggingface_hub>=2.0",  # download.py --hf (snapshot_download with dry_run)
+        "huggingface_hub>=2.0",  # download.py --hf (snapshot_download with dry_run); pj.load of Hub ids
         "aiohttp>=3.9",  # serve: the HTTP server (handler cancellation frees a disconnected client's slot)
         "psutil>=5.9",  # serve: profile.py and the load benchmark read process memory
     ],

@@ -1,4 +1,5 @@
-"""One tokenizer interface over sentencepiece `tokenizer.model`, HF `tokenizer.json` and GGUF vocabularies."""
+"""One tokenizer interface over sentencepiece or tiktoken (LLaMA-3) `tokenizer.model`, HF `tokenizer.json` and
+GGUF vocabularies."""
 from __future__ import annotations
 
 import functools
@@ -139,6 +140,26 @@ def from_sentencepiece(path: str, chat_template: str | None = None, add_bos: boo
                      add_bos=add_bos, chat_template=chat_template, source=path)
 
 
+def from_tokenizer_model(path: str, chat_template: str | None = None, add_bos: bool = True) -> Tokenizer:
+    """A `tokenizer.model`: sentencepiece (LLaMA 1/2) or tiktoken BPE (LLaMA-3, told apart by its text lines)."""
+    from pyllama_jax import tokenizer_tiktoken
+
+    if os.path.isfile(path) and tokenizer_tiktoken.is_tiktoken_file(path):
+        return from_tiktoken(path, chat_template, add_bos)
+    return from_sentencepiece(path, chat_template, add_bos)
+
+
+def from_tiktoken(path: str, chat_template: str | None = None, add_bos: bool = True) -> Tokenizer:
+    """LLaMA-3's tiktoken `tokenizer.model`: `<|begin_of_text|>` prepended, `<|end_of_text|>` and
+    `<|eot_id|>` end generation."""
+    from pyllama_jax.tokenizer_tiktoken import TiktokenBackend
+
+    backend = TiktokenBackend(path)
+    return Tokenizer(backend, "tiktoken", backend.special["<|begin_of_text|>"], backend.special["<|end_of_text|>"],
+                     add_bos=add_bos, chat_template=chat_template, source=path,
+                     extra_eos_ids=[backend.special["<|eot_id|>"]])
+
+
 def from_hf_folder(folder: str) -> Tokenizer:
     """An HF folder's `tokenizer.json` (+ `tokenizer_config.json`), or its `tokenizer.model`."""
     tj, tc = os.path.join(folder, "tokenizer.json"), os.path.join(folder, "tokenizer_config.json")
@@ -154,7 +175,7 @@ def from_hf_folder(folder: str) -> Tokenizer:
     if not os.path.isfile(tj):
         sp = os.path.join(folder, "tokenizer.model")
         if os.path.isfile(sp):
-            return from_sentencepiece(sp, template, add_bos=cfg.get("add_bos_token", True))
+            return from_tokenizer_model(sp, template, add_bos=cfg.get("add_bos_token", True))
         raise FileNotFoundError(f"{folder}: no tokenizer.json or tokenizer.model")
     from tokenizers import Tokenizer as HFTokenizer
 

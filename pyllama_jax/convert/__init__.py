@@ -77,7 +77,7 @@ def open_checkpoint(path_or_name: str, **overrides: Any) -> Checkpoint:
         g = gguf.GGUFFile(path)
         config = g.config(**_resolve_auto(overrides, lambda: g.stored_dtype()))
         sp = os.path.join(os.path.dirname(path), "tokenizer.model")
-        tokenizer = tok.from_sentencepiece(sp) if os.path.isfile(sp) else tok.from_gguf(g.fields, path)
+        tokenizer = tok.from_tokenizer_model(sp) if os.path.isfile(sp) else tok.from_gguf(g.fields, path)
         ckpt = Checkpoint(config, g.tensors(config), tokenizer, path)
     elif not os.path.exists(path):
         raise FileNotFoundError(f"no model at {path!r}: expected a .gguf file, a Hugging Face folder "

@@ -140,7 +140,7 @@ def read_tokenizer(*folders: str) -> tok.Tokenizer | None:
 
 def write_tokenizer(tokenizer: tok.Tokenizer, folder: str) -> None:
     """Write `tokenizer` as HF tokenizer files (tokenizer.json or tokenizer.model + tokenizer_config.json)."""
-    if tokenizer.kind == "sentencepiece":
+    if tokenizer.kind in ("sentencepiece", "tiktoken"):  # both are a tokenizer.model file
         shutil.copyfile(tokenizer.source, os.path.join(folder, "tokenizer.model"))
     else:
         tokenizer.backend.save(os.path.join(folder, "tokenizer.json"))
