@@ -235,12 +235,21 @@ def _gguf_bpe(fields: dict[str, Any], tokens: list[str], source: str):
     tk = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
                                 fuse_unk=False, byte_fallback=False))
     pre = fields.get("tokenizer.ggml.pre", "default")
-    if pre not in _GGUF_DIGIT_SPLIT:
+    if pre == "llama-bpe":  # LLaMA-3's tokenizer.json: its own split regex, then bytes -> unicode
+        from tokenizers import Regex
+
+        from pyllama_jax.tokenizer_tiktoken import PATTERN
+
+        tk.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    elif pre in _GGUF_DIGIT_SPLIT:
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tk.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                            if _GGUF_DIGIT_SPLIT[pre] else byte_level)
+    else:
         raise ValueError(f"{source}: tokenizer.ggml.pre={pre!r} is not supported; expected one of "
-                         f"{sorted(_GGUF_DIGIT_SPLIT)}")
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tk.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-                        if _GGUF_DIGIT_SPLIT[pre] else byte_level)
+                         f"{sorted([*_GGUF_DIGIT_SPLIT, 'llama-bpe'])}")
     tk.decoder = decoders.ByteLevel()
     tk.add_special_tokens(_special_tokens(fields, tokens))
     return tk

@@ -26,21 +26,24 @@ TEXTS = ["The quick brown fox", "the dog's thinking, 1234567!", "naïve café �
          "I'LL DO IT'S", "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi fox<|eot_id|>", ""]
 
 
-def _train(text: str, merges: int) -> dict[bytes, int]:
-    """Byte-level BPE ranks: the 256 bytes, then the most frequent adjacent pair merged, `merges` times."""
+def _train(text: str, merges: int, with_merges: bool = False):
+    """Byte-level BPE ranks: the 256 bytes, then the most frequent adjacent pair merged, `merges` times
+    (and, `with_merges`, the merged pairs in order)."""
     ranks = {bytes([b]): b for b in range(256)}
+    pairs_merged = []
     words = [[bytes([b]) for b in w.encode()] for w in text.split(" ")]
     for _ in range(merges):
         pairs = collections.Counter(p for w in words for p in zip(w, w[1:]))
         (a, b), _ = pairs.most_common(1)[0]
         ranks[a + b] = len(ranks)
+        pairs_merged.append((a, b))
         for w in words:
             i = 0
             while i < len(w) - 1:
                 if (w[i], w[i + 1]) == (a, b):
                     w[i:i + 2] = [a + b]
                 i += 1
-    return ranks
+    return (ranks, pairs_merged) if with_merges else ranks
 
 
 @pytest.fixture(scope="module")
