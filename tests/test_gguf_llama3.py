@@ -62,3 +62,65 @@ def test_llama_bpe_gguf_vocabulary_matches_tiktoken(llama3_gguf, text):
     assert t.encode(text, bos=False) == ids
     assert t.decode(ids, skip_special=False) == ref.decode(ids)
     assert t.encode("Hi")[0] == len(ranks)  # <|begin_of_text|>
+
+
+def _llama_cpp_rope_factors(head_dim: int, theta: float, factor: float, low: float = 1.0, high: float = 4.0,
+                            old_context: int = 8192) -> np.ndarray:
+    """llama.cpp convert_hf_to_gguf.py (LlamaModel, rope_type llama3): the rope_freqs.weight it writes."""
+    freqs = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    low_wavelen, high_wavelen = old_context / low, old_context / high
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            out.append(1)
+        elif wavelen > low_wavelen:
+            out.append(factor)
+        else:
+            smooth = (old_context / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, dtype=np.float32)
+
+
+def _metadata_gguf(path, factors: np.ndarray) -> str:
+    """LLaMA-3.1-8B's attention shape (head_dim 128), no weights: enough for `GGUFFile.config`."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    for add, value in [(w.add_block_count, 1), (w.add_embedding_length, 4096), (w.add_head_count, 32),
+                       (w.add_head_count_kv, 8), (w.add_feed_forward_length, 14336), (w.add_context_length, 131072),
+                       (w.add_rope_freq_base, 500000.0), (w.add_layer_norm_rms_eps, 1e-5)]:
+        add(value)
+    w.add_token_list(["a", "b"])
+    w.add_tensor("rope_freqs.weight", factors)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
+
+
+@pytest.mark.parametrize("factor", [8.0, 32.0])  # LLaMA-3.1 8B/70B/405B; LLaMA-3.2 1B/3B
+def test_rope_freqs_becomes_llama3_scaling_as_transformers_computes_it(tmp_path, factor):
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from pyllama_jax.model.llama import rope_frequencies
+
+    g = GGUFFile(_metadata_gguf(tmp_path / "m.gguf", _llama_cpp_rope_factors(128, 500000.0, factor)))
+    config = g.config()
+    s = config.rope_scaling
+    assert (s.factor, s.low_freq_factor, s.high_freq_factor, s.original_max_position_embeddings) == (factor, 1, 4, 8192)
+    hf_cfg = LlamaConfig(hidden_size=4096, num_attention_heads=32, max_position_embeddings=131072,
+                         rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": factor,
+                                                            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                            "original_max_position_embeddings": 8192})
+    inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, "cpu")
+    np.testing.assert_allclose(np.asarray(rope_frequencies(config)), inv_freq.numpy(), rtol=1e-5)
+    assert list(g.tensors(config)) == []  # the factors are config, not a weight
+
+
+def test_rope_freqs_that_are_not_llama3_scaling_are_refused(tmp_path):
+    factors = _llama_cpp_rope_factors(128, 500000.0, 8.0, high=2.0)
+    with pytest.raises(ValueError, match=r"m.gguf: rope_freqs.weight is not LLaMA-3.1's llama3 RoPE scaling"):
+        GGUFFile(_metadata_gguf(tmp_path / "m.gguf", factors)).config()
+    with pytest.raises(ValueError, match=r"rope_freqs.weight has 3 values, expected head_dim/2=64"):
+        GGUFFile(_metadata_gguf(tmp_path / "n.gguf", np.ones(3, np.float32))).config()

@@ -7,7 +7,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from pyllama_jax.convert import NameMap
-from pyllama_jax.model.config import ModelConfig
+from pyllama_jax.model.config import ModelConfig, RopeScaling
+from pyllama_jax.model.llama import rope_frequencies
 from pyllama_jax.model.params import permute_rope
 
 NAMES = NameMap(
@@ -55,9 +56,6 @@ class GGUFFile:
 
     def config(self, **overrides: Any) -> ModelConfig:
         names = {t.name for t in self.reader.tensors}
-        if "rope_freqs.weight" in names:
-            raise ValueError(f"{self.path}: per-frequency RoPE factors (rope_freqs.weight) are not "
-                             "supported; load this model from its HF folder instead")
         n_heads = int(self.require("llama.attention.head_count"))
         cfg = dict(
             vocab_size=int(self.get("llama.vocab_size", len(self.require("tokenizer.ggml.tokens")))),
@@ -71,8 +69,32 @@ class GGUFFile:
             max_seq_len=int(self.get("llama.context_length", 2048)),
             tie_embeddings="output.weight" not in names,
         )
+        if "rope_freqs.weight" in names:
+            cfg["rope_scaling"] = self._rope_scaling(ModelConfig(**cfg))
         cfg.update(overrides)
         return ModelConfig(**cfg)
+
+    def _rope_scaling(self, config: ModelConfig) -> RopeScaling:
+        """LLaMA-3.1's scaling from `rope_freqs.weight` (the factors llama.cpp divides each frequency by):
+        `factor` is their largest, the rest LLaMA-3.1's (low 1, high 4, original context 8192 unless
+        `llama.rope.scaling.original_context_length` says), checked against every factor."""
+        from gguf.quants import dequantize
+
+        t = next(t for t in self.reader.tensors if t.name == "rope_freqs.weight")
+        factors = dequantize(t.data, t.tensor_type).astype(np.float64).reshape(-1)
+        if factors.shape != (config.head_dim // 2,):
+            raise ValueError(f"{self.path}: rope_freqs.weight has {factors.size} values, expected head_dim/2="
+                             f"{config.head_dim // 2}")
+        scaling = RopeScaling(factor=float(factors.max()), low_freq_factor=1.0, high_freq_factor=4.0,
+                              original_max_position_embeddings=int(self.get(
+                                  "llama.rope.scaling.original_context_length", 8192)))
+        base = np.asarray(rope_frequencies(config), np.float64)
+        expected = base / np.asarray(rope_frequencies(config.replace(rope_scaling=scaling)), np.float64)
+        if not np.allclose(factors, expected, rtol=1e-4):
+            raise ValueError(f"{self.path}: rope_freqs.weight is not LLaMA-3.1's llama3 RoPE scaling (factor "
+                             f"{scaling.factor:g}, low 1, high 4, original context "
+                             f"{scaling.original_max_position_embeddings}); load this model from its HF folder")
+        return scaling
 
     def tensors(self, config: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
         """Our named tensors, dequantized to float32 one at a time, q/k permuted to half-split."""
@@ -80,6 +102,8 @@ class GGUFFile:
 
         for t in self.reader.tensors:
             name = NAMES.ours(t.name)
+            if t.name == "rope_freqs.weight":
+                continue  # read into config.rope_scaling
             if name is None:
                 raise ValueError(f"{self.path}: unexpected tensor {t.name!r} in a llama GGUF file")
             try:
