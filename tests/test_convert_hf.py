@@ -160,8 +160,8 @@ def test_shard_listed_in_index_but_missing(tiny_hf):
 
 def test_config_of_another_architecture(tiny_hf):
     cfg = json.loads((tiny_hf / "config.json").read_text())
-    (tiny_hf / "config.json").write_text(json.dumps({**cfg, "model_type": "mistral"}))
-    with pytest.raises(ValueError, match=r"config.json: model_type is 'mistral', expected 'llama'"):
+    (tiny_hf / "config.json").write_text(json.dumps({**cfg, "model_type": "qwen2"}))
+    with pytest.raises(ValueError, match=r"config.json: model_type is 'qwen2', expected 'llama'"):
         pj.load(str(tiny_hf))
 
 

@@ -33,9 +33,15 @@ def detect(path: str) -> bool:
 
 
 def config_from_hf(cfg: dict[str, Any], source: str, **overrides: Any) -> ModelConfig:
-    """Our config from a `LlamaConfig` dict (`config.json`); `source` names the file in errors."""
-    if cfg.get("model_type") != "llama":
-        raise ValueError(f"{source}: model_type is {cfg.get('model_type')!r}, expected 'llama' (LlamaForCausalLM)")
+    """Our config from a `LlamaConfig` dict (`config.json`), or a `MistralConfig` whose sliding window has
+    no effect (null, or not shorter than the context): the same layers; `source` names the file in errors."""
+    if cfg.get("model_type") not in ("llama", "mistral"):
+        raise ValueError(f"{source}: model_type is {cfg.get('model_type')!r}, expected 'llama' (LlamaForCausalLM) "
+                         "or 'mistral' without a sliding window")
+    window, context = cfg.get("sliding_window"), cfg.get("max_position_embeddings", 2048)
+    if cfg["model_type"] == "mistral" and window is not None and window < context:
+        raise ValueError(f"{source}: sliding_window={window} is shorter than max_position_embeddings={context}; "
+                         "sliding-window attention is not supported (Mistral v0.2+ has sliding_window null)")
 
     def need(key: str) -> Any:
         if key not in cfg:
