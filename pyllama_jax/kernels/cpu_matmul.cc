@@ -151,25 +151,47 @@ void dense_tile(const float* x, int64_t K, int64_t N, int64_t n0, int64_t nb, in
 }
 
 // Outputs [n0, n0 + nb) of x @ W^T for W^T stored [N, K] (a tied head is the embedding [vocab, dim]):
-// each output's weights are one contiguous row.
-template <int M, typename Load>
-void dense_tile_t(const float* x, int64_t K, int64_t N, int64_t n0, int64_t nb, float* out, Load load) {
-  constexpr int L = 16;
+// each output's weights are one contiguous row, read 16 at a time into one vector per row of x.
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef _Float16 f16x16 __attribute__((vector_size(32)));
+
+template <bool BF16>
+inline f32x16 load16(const uint16_t* p) {
+  if constexpr (BF16) {
+    u16x16 h;
+    std::memcpy(&h, p, sizeof(h));
+    const u32x16 u = __builtin_convertvector(h, u32x16) << 16;
+    f32x16 f;
+    std::memcpy(&f, &u, sizeof(f));
+    return f;
+  } else {
+    f16x16 h;
+    std::memcpy(&h, p, sizeof(h));
+    return __builtin_convertvector(h, f32x16);
+  }
+}
+
+template <int M, bool BF16>
+void dense_tile_t(const float* x, int64_t K, int64_t N, int64_t n0, int64_t nb, float* out, const uint16_t* w) {
   for (int64_t n = n0; n < n0 + nb; ++n) {
-    float acc[M][L] = {};
+    const uint16_t* row = w + n * K;
+    f32x16 acc[M] = {};
     int64_t k = 0;
-    for (; k + L <= K; k += L) {
-      float w[L];
-      for (int l = 0; l < L; ++l) w[l] = load(n * K + k + l);
+    for (; k + 16 <= K; k += 16) {
+      const f32x16 wv = load16<BF16>(row + k);
 #pragma GCC unroll 16
-      for (int m = 0; m < M; ++m)
-        for (int l = 0; l < L; ++l) acc[m][l] += x[m * K + k + l] * w[l];
+      for (int m = 0; m < M; ++m) {
+        f32x16 xv;
+        std::memcpy(&xv, x + m * K + k, sizeof(xv));
+        acc[m] += xv * wv;
+      }
     }
-    for (; k < K; ++k)
-      for (int m = 0; m < M; ++m) acc[m][0] += x[m * K + k] * load(n * K + k);
     for (int m = 0; m < M; ++m) {
       float s = 0;
-      for (int l = 0; l < L; ++l) s += acc[m][l];
+      for (int l = 0; l < 16; ++l) s += acc[m][l];
+      for (int64_t j = k; j < K; ++j) s += x[m * K + j] * (BF16 ? bf16_to_f32(row[j]) : f16_to_f32(row[j]));
       out[m * N + n] = s;
     }
   }
@@ -193,8 +215,8 @@ ffi::Error DenseMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBu
     constexpr int R = decltype(r)::value;
     tiled(pool, M, N, transposed ? 64 : kCols, chunks, yp, [&](int64_t n0, int64_t nb, int64_t c, float* out) {
       const int64_t k0 = c * rows, k1 = std::min(K, k0 + rows);
-      if (transposed && t == ffi::DataType::BF16) return dense_tile_t<R>(xp, K, N, n0, nb, out, bf16);
-      if (transposed) return dense_tile_t<R>(xp, K, N, n0, nb, out, f16);
+      if (transposed && t == ffi::DataType::BF16) return dense_tile_t<R, true>(xp, K, N, n0, nb, out, wp);
+      if (transposed) return dense_tile_t<R, false>(xp, K, N, n0, nb, out, wp);
       if (t == ffi::DataType::BF16) return dense_tile<R>(xp, K, N, n0, nb, k0, k1, out, bf16);
       dense_tile<R>(xp, K, N, n0, nb, k0, k1, out, f16);
     });
