@@ -95,8 +95,10 @@ class Generation:
 
     def report(self) -> str:
         compiled = f"compile {self.compile_seconds:.1f} s; " if self.compile_seconds else ""
+        tps = self.tokens_per_second
+        decode = f"decode {tps:.1f} tok/s" if tps == tps else "decode not timed (every step compiled)"
         return (f"prompt {self.prompt_tokens} tok, generated {self.generated_tokens} tok; {compiled}"
-                f"prefill {self.prefill_tokens_per_second:.0f} tok/s; decode {self.tokens_per_second:.1f} tok/s")
+                f"prefill {self.prefill_tokens_per_second:.0f} tok/s; {decode}")
 
 
 def bucket(n: int, limit: int) -> int:

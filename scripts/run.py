@@ -32,8 +32,8 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: {e}\nGet LLaMA weights with scripts/download.py, or point --config.model at them.")
     if mesh is not None:
         say(f"mesh {pmesh.describe(mesh)}")
-    say(f"loaded {model.source}: {model.config.n_layers} layers, dim {model.config.dim}, "
-        f"{model.config.num_params() / 1e6:.0f}M parameters, {c.dtype}")
+    say(f"loaded {model.describe()}; {model.config.n_layers} layers, dim {model.config.dim}, "
+        f"{model.config.num_params() / 1e6:.0f}M parameters")
     sampling = c.sampling.to_dict()
     for prompt in c.prompts:
         say(f"\n>>> {prompt}")

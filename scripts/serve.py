@@ -43,7 +43,7 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: {model.source} has no tokenizer, so it cannot be served")
     engine = Engine(model.module, model.tokenizer, slots=s.slots, context=s.context, max_queue=s.max_queue,
                     prefill_chunk=s.prefill_chunk, mesh=mesh)
-    print(f"loaded {model.source}; compiling for {s.slots} slots of {engine.context} tokens", flush=True)
+    print(f"loaded {model.describe()}; compiling for {s.slots} slots of {engine.context} tokens", flush=True)
     engine.warmup()
     engine.start()
     name = s.model_name or os.path.splitext(os.path.basename(c.model.rstrip("/")))[0]

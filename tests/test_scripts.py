@@ -35,15 +35,6 @@ def _run(script: str, *args: str, timeout: int = 600) -> str:
     return done.stdout
 
 
-def test_run_takes_prompts_from_the_command_line():
-    """README's first override example, with 2 new tokens."""
-    out = _run("run", "--config=configs/smollm2_135m.py", "--config.sampling.temperature=0.8",
-               '--config.prompts=("Write a haiku about JAX.",)', "--config.dtype=bfloat16",
-               "--config.sampling.max_new_tokens=2")
-    assert out.count(">>> ") == 1 and ">>> Write a haiku about JAX.\n" in out
-    assert "compile" in out and "decode" in out
-
-
 def test_profile_inference_loads_the_configured_quantization(tmp_path):
     """A 4-bit round-to-nearest config is profiled on the 4-bit model, not on the dense one."""
     out = _run("profile_inference", "--config=configs/smollm2_135m.py", "--config.quant.wbits=4",
