@@ -16,7 +16,8 @@ README = os.path.join(ROOT, "README.md")
 TIMEOUT = 1200  # seconds per command: generous, for a busy CI machine
 
 QUANT_BOUNDS = ("--config.quant.nsamples=2", "--config.quant.seqlen=64", "--config.quant.eval_windows=1")
-TRAIN_BOUNDS = ("--config.train.steps=1", "--config.train.samples=1", "--config.train.sample_tokens=4")
+TRAIN_BOUNDS = ("--config.train.steps=1", "--config.train.batch_size=2", "--config.train.samples=1",
+                "--config.train.sample_tokens=4", "--config.data.seq_len=64", "--config.data.eval_size=2")
 RUNS = {  # README command -> overrides that bound it (appended)
     "python scripts/run.py --config=configs/smollm2_135m.py --config.sampling.temperature=0.8 "
     "--config.prompts='(\"Write a haiku about JAX.\",)' --config.dtype=bfloat16": ("--config.sampling.max_new_tokens=2",),
