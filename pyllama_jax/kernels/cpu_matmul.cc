@@ -23,7 +23,6 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kMaxRows = 16;  // rows handled in one pass over the weights (a power of two; the caller pads)
 constexpr int kCols = 512;    // output columns per tile: their accumulators stay in L1
 constexpr int kTileRows = 256;  // weight rows per tile: tiles of one column range add up afterwards
 
@@ -80,7 +79,8 @@ void parallel_for(ffi::ThreadPool& pool, int64_t total, std::function<void(int64
   while (job->done.load(std::memory_order_acquire) < total) std::this_thread::yield();
 }
 
-// Calls f with the row count as a compile-time constant: 1, 2, 4, 8 or 16 (the caller pads to one).
+// Calls f with the row count as a compile-time constant: 1, 2, 4, 8 or 16 (the caller pads to one;
+// cpu.py: MAX_ROWS).
 template <typename F>
 void by_rows(int64_t rows, F f) {
   switch (rows) {
