@@ -29,7 +29,7 @@ from flax import nnx
 from pyllama_jax.model.config import preset
 from pyllama_jax.model.kv_cache import KVCache
 from pyllama_jax.model.llama import Llama, abstract_model, init_model
-from pyllama_jax.quant.qlinear import LAYER_LINEARS, QuantLinear, get_module, set_linear
+from pyllama_jax.model.qlinear import LAYER_LINEARS, QuantLinear, get_module, set_linear
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from qmatmul import nbytes, random_quant_weight  # noqa: E402

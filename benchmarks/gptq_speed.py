@@ -25,8 +25,8 @@ import torch  # noqa: E402
 from pyllama_jax.data.text import calibration_windows, data_dir, load_text  # noqa: E402
 from pyllama_jax.quant.calibrate import linear_inputs  # noqa: E402
 from pyllama_jax.quant.gptq import GPTQConfig, HessianAccumulator, gptq_quantize  # noqa: E402
-from pyllama_jax.quant.packing import dequantize  # noqa: E402
-from pyllama_jax.quant.qlinear import get_module  # noqa: E402
+from pyllama_jax.model.packing import dequantize  # noqa: E402
+from pyllama_jax.model.qlinear import get_module  # noqa: E402
 from pyllama_jax.quant.rtn import QuantSpec  # noqa: E402
 
 

@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pyllama_jax.quant.kernels import dequant_matmul as dm
-from pyllama_jax.quant.packing import QuantWeight, dequantize, group_index
+from pyllama_jax.kernels import dequant_matmul as dm
+from pyllama_jax.model.packing import QuantWeight, dequantize, group_index
 
 PEAK_GBPS = {"H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100 NVL": 3900, "H200": 4800, "GH200": 4000,
              "A100-SXM4-80GB": 2039, "A100-SXM4-40GB": 1555, "A100-PCIE-40GB": 1555, "A100 80GB PCIe": 1935,

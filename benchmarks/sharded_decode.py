@@ -23,7 +23,7 @@ from pyllama_jax.generate import Generator, SamplingConfig  # noqa: E402
 from pyllama_jax.model.config import preset  # noqa: E402
 from pyllama_jax.model.llama import init_model  # noqa: E402
 from pyllama_jax.sharding import mesh as pm  # noqa: E402
-from pyllama_jax.sharding import place  # noqa: E402
+from pyllama_jax.model import place  # noqa: E402
 from pyllama_jax.tokenizer import Tokenizer  # noqa: E402
 
 CONFIG = preset("tiny", vocab_size=8192, dim=512, n_layers=4, n_heads=8, n_kv_heads=8, hidden_dim=1536,

@@ -81,7 +81,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     import pyllama_jax as pj
     from pyllama_jax.quant.checkpoint import load_quant_weights
-    from pyllama_jax.quant.packing import dequantize
+    from pyllama_jax.model.packing import dequantize
 
     folder = os.path.join(REPO, "artifacts", "ablation", args.cell)
     settings = json.load(open(os.path.join(folder, "settings.json")))

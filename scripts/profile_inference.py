@@ -23,7 +23,7 @@ from ml_collections import config_flags
 
 import pyllama_jax as pj
 from pyllama_jax.generate import SamplingConfig
-from pyllama_jax.quant.qlinear import quantized_linears
+from pyllama_jax.model.qlinear import quantized_linears
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/smollm2_135m.py", "job configuration file")
 _OUT = flags.DEFINE_string("out", "artifacts/profile", "folder for profile.png and profile.json")

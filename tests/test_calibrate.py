@@ -8,10 +8,10 @@ import pytest
 from pyllama_jax.data.text import calibration_windows, data_dir
 from pyllama_jax.model.config import preset
 from pyllama_jax.model.llama import init_model
-from pyllama_jax.quant import packing
+from pyllama_jax.model import packing
 from pyllama_jax.quant.calibrate import SEQUENTIAL, CalibrationConfig, quantize_gptq
 from pyllama_jax.quant.gptq import HessianAccumulator, gptq_quantize
-from pyllama_jax.quant.qlinear import get_module, quantized_linears, set_linear
+from pyllama_jax.model.qlinear import get_module, quantized_linears, set_linear
 from pyllama_jax.quant.rtn import QuantSpec, rtn_quantize
 
 SPEC = QuantSpec(bits=3, groupsize=16)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pyllama_jax.kernels import cpu
-from pyllama_jax.quant.packing import group_index, pack
+from pyllama_jax.model.packing import group_index, pack
 
 
 def _numpy_dequantize(codes, scales, zeros, g_idx):

@@ -16,8 +16,8 @@ import pyllama_jax as pj
 from pyllama_jax.api import Model
 from pyllama_jax.quant.calibrate import quantize_rtn
 from pyllama_jax.quant.checkpoint import export_autogptq
-from pyllama_jax.quant.packing import dequantize, pack, unpack_codes, unpack_zeros
-from pyllama_jax.quant.qlinear import LAYER_LINEARS, get_module, quantized_linears
+from pyllama_jax.model.packing import dequantize, pack, unpack_codes, unpack_zeros
+from pyllama_jax.model.qlinear import LAYER_LINEARS, get_module, quantized_linears
 from pyllama_jax.quant.rtn import QuantSpec, rtn_quantize
 from pyllama_jax.train.tiny import random_model
 

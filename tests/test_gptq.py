@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pyllama_jax.quant import packing
+from pyllama_jax.model import packing
 from pyllama_jax.quant.gptq import GPTQConfig, HessianAccumulator, gptq_quantize
 from pyllama_jax.quant.rtn import QuantSpec, rtn_quantize
 

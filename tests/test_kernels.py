@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from jax.experimental import pallas as pl
 
-from pyllama_jax.quant.kernels import dequant_matmul as dm
-from pyllama_jax.quant.packing import QuantWeight, dequantize, group_index, pack
+from pyllama_jax.kernels import dequant_matmul as dm
+from pyllama_jax.model.packing import QuantWeight, dequantize, group_index, pack
 
 # Interpreted kernels are large unrolled XLA programs: these options cut their CPU compile time ~2x.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}

@@ -11,8 +11,8 @@ from flax import nnx
 from pyllama_jax.data import alpaca
 from pyllama_jax.model.llama import Linear
 from pyllama_jax.quant.calibrate import quantize_rtn
-from pyllama_jax.quant.packing import dequantize
-from pyllama_jax.quant.qlinear import QuantLinear, QuantParam
+from pyllama_jax.model.packing import dequantize
+from pyllama_jax.model.qlinear import QuantLinear, QuantParam
 from pyllama_jax.quant.rtn import QuantSpec
 from pyllama_jax.train import lora
 from pyllama_jax.train.tiny import random_model

@@ -17,7 +17,7 @@ from flax import nnx
 from pyllama_jax.model.config import preset
 from pyllama_jax.model.kv_cache import KVCache
 from pyllama_jax.model.llama import abstract_model
-from pyllama_jax.quant.qlinear import LAYER_LINEARS, abstract_quantized
+from pyllama_jax.model.qlinear import LAYER_LINEARS, abstract_quantized
 
 WIDE = dict(vocab_size=2048, dim=1024, n_heads=8, hidden_dim=2816, max_seq_len=64)
 

@@ -131,7 +131,7 @@ def _work(out: str, mesh_sizes: tuple[int, int, int] | None) -> None:
     from pyllama_jax.model.llama import init_model
     from pyllama_jax.model.params import build_model, named_tensors
     from pyllama_jax.sharding import mesh as pm
-    from pyllama_jax.sharding import place
+    from pyllama_jax.model import place
     from pyllama_jax.tokenizer import Tokenizer
 
     config = preset("tiny", n_heads=8, n_kv_heads=8)

@@ -3,8 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pyllama_jax.quant import packing
-from pyllama_jax.quant.packing import pack, pack_rows, unpack_rows
+from pyllama_jax.model import packing
+from pyllama_jax.model.packing import pack, pack_rows, unpack_rows
 
 
 def _as_int32(words):

@@ -5,9 +5,9 @@ import pytest
 
 from pyllama_jax.model.config import preset
 from pyllama_jax.model.llama import init_model
-from pyllama_jax.quant import packing
+from pyllama_jax.model import packing
 from pyllama_jax.quant.calibrate import quantize_rtn
-from pyllama_jax.quant.qlinear import LAYER_LINEARS, QuantLinear, get_module, qmatmul, quantized_linears
+from pyllama_jax.model.qlinear import LAYER_LINEARS, QuantLinear, get_module, qmatmul, quantized_linears
 from pyllama_jax.quant.rtn import QuantSpec
 
 

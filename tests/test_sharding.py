@@ -96,8 +96,8 @@ def _abstract_quantized(config, bits: int, groupsize: int):
     from flax import nnx
 
     from pyllama_jax.model.llama import Llama
-    from pyllama_jax.quant.packing import QuantWeight, group_index
-    from pyllama_jax.quant.qlinear import LAYER_LINEARS, QuantLinear, get_module, set_linear
+    from pyllama_jax.model.packing import QuantWeight, group_index
+    from pyllama_jax.model.qlinear import LAYER_LINEARS, get_module, replace_linear
 
     def build():
         model = Llama(config, nnx.Rngs(0))
@@ -108,7 +108,7 @@ def _abstract_quantized(config, bits: int, groupsize: int):
                 qw = QuantWeight(jnp.zeros((n_in * bits // 32, n_out), jnp.int32), jnp.zeros((groups, n_out)),
                                  jnp.zeros((groups, n_out * bits // 32), jnp.int32),
                                  jnp.asarray(group_index(n_in, groupsize)), bits, groupsize, n_in)
-                set_linear(layer, path, QuantLinear(qw))
+                replace_linear(layer, path, qw)
         return model
 
     return nnx.eval_shape(build)
@@ -119,7 +119,7 @@ def test_shipped_configs_layouts_fit_their_models(name, preset_name):
     """The mesh of each shipped config can split its (abstract) 4-bit model; one size up cannot."""
     import importlib.util
 
-    from pyllama_jax.sharding import place
+    from pyllama_jax.model import place
 
     spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
@@ -135,7 +135,7 @@ def test_shipped_configs_layouts_fit_their_models(name, preset_name):
 
 
 def test_quantized_groups_must_split_at_shard_boundaries():
-    from pyllama_jax.sharding import place
+    from pyllama_jax.model import place
 
     coarse = _abstract_quantized(QCONFIG, 4, 32)  # attn.o: 128 inputs = 4 groups of 32
     with pytest.raises(ValueError, match=r"layers.0.attn.o \(4-bit, groupsize 32\): its 4 quantization "
@@ -147,8 +147,8 @@ def test_quantized_groups_must_split_at_shard_boundaries():
 def test_quantized_base_of_a_lora_adapter_shards_like_its_layer():
     from flax import nnx
 
-    from pyllama_jax.quant.qlinear import get_module, set_linear
-    from pyllama_jax.sharding import place
+    from pyllama_jax.model.qlinear import get_module, set_linear
+    from pyllama_jax.model import place
     from pyllama_jax.train.lora import LoRALinear
 
     model = _abstract_quantized(QCONFIG, 4, 16)
@@ -198,7 +198,7 @@ def _check_cache_is_sharded(gen, config, mesh, shape: tuple[int, int, int]) -> N
     prompt bucket 16, cache 32) and inspect the cache they return."""
     import jax.numpy as jnp
 
-    from pyllama_jax.sharding import place
+    from pyllama_jax.model import place
 
     b, length = 8, 32
     cache = place.create_cache(config, b, length, mesh)
@@ -245,7 +245,7 @@ def _compare(model, config, sharded_fn, check=lambda model, shape: None) -> None
 def case_dense() -> None:
     from pyllama_jax.model.llama import init_model
     from pyllama_jax.model.params import build_model, named_tensors
-    from pyllama_jax.sharding import place
+    from pyllama_jax.model import place
 
     def check(sharded, shape):
         q = sharded.layers[0].attn.q.kernel[...]
@@ -262,7 +262,7 @@ def case_quantized() -> None:
     from pyllama_jax.model.llama import init_model
     from pyllama_jax.quant.calibrate import quantize_rtn
     from pyllama_jax.quant.rtn import QuantSpec
-    from pyllama_jax.sharding import place
+    from pyllama_jax.model import place
 
     c, bits, gs = QCONFIG, 4, 16
 
@@ -306,7 +306,7 @@ def case_quantized() -> None:
 def case_bad_mesh() -> None:
     from pyllama_jax.model.llama import init_model
     from pyllama_jax.model.params import build_model, named_tensors
-    from pyllama_jax.sharding import place
+    from pyllama_jax.model import place
 
     config = preset("tiny")  # 4 heads, 2 kv heads
     with pytest.raises(ValueError, match="mesh.tensor=8 does not divide the model's n_heads=4"):

@@ -32,7 +32,7 @@ def test_sharded_training_matches_single_device():
 
 
 def _train(model, batch, lora: bool, accum: int, mesh=None):
-    from pyllama_jax.sharding import place
+    from pyllama_jax.model import place
     from pyllama_jax.train.trainer import OptimConfig, Trainer
 
     if mesh is not None:

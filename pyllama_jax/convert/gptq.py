@@ -3,7 +3,7 @@
 `config.json` (HF's), `quantize_config.json` (`bits`, `group_size`, `desc_act`, `sym`; or the same
 fields as `config.json`'s `quantization_config`) and `*.safetensors` with, per linear,
 `model.layers.N.self_attn.q_proj.{qweight,scales,qzeros,g_idx}` in the v1 packing
-(`pyllama_jax.quant.packing`), which is ours: reading only renames (HF's q/k layout is ours too).
+(`pyllama_jax.model.packing`), which is ours: reading only renames (HF's q/k layout is ours too).
 GPTQModel's `checkpoint_format: "gptq_v2"` stores the zero points unshifted (`zero`, not
 `zero - 1`); reading shifts them into v1 (`shift_zeros`).
 """
@@ -20,7 +20,7 @@ from pyllama_jax.model.config import ModelConfig
 from pyllama_jax.model.params import LAYER_LINEARS
 
 QUANT_FIELDS = ("qweight", "scales", "qzeros", "g_idx")
-SUPPORTED_BITS = (2, 3, 4, 8)  # what our packing reads (pyllama_jax.quant.packing)
+SUPPORTED_BITS = (2, 3, 4, 8)  # what our packing reads (pyllama_jax.model.packing)
 FORMATS = ("gptq", "gptq_v2")  # checkpoint_format: zeros stored as zero - 1 (v1), or as zero (v2)
 
 

@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from pyllama_jax.model.llama import Llama
-from pyllama_jax.sharding import place
+from pyllama_jax.model import place
 from pyllama_jax.sharding.rules import replicated, state_shardings
 
 TOP_SIZES = (0, 5, 20)  # alternatives computed per position: the smallest of these >= what is asked

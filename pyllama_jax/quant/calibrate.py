@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from pyllama_jax.model.llama import Block, Llama, causal_mask, rope_frequencies
 from pyllama_jax.quant.gptq import GPTQConfig, HessianAccumulator, gptq_quantize
-from pyllama_jax.quant.qlinear import LAYER_LINEARS, get_module, replace_linear, set_linear
+from pyllama_jax.model.qlinear import LAYER_LINEARS, get_module, replace_linear, set_linear
 from pyllama_jax.quant.rtn import QuantSpec, rtn_quantize
 
 log = logging.getLogger(__name__)

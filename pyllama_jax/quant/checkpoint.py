@@ -18,9 +18,9 @@ from pyllama_jax.convert import gguf_write, gptq, hf, native
 from pyllama_jax.convert.tensorfile import NUMPY_DTYPES, atomic_folder, write_json
 from pyllama_jax.model.llama import Llama
 from pyllama_jax.model.params import named_tensors
-from pyllama_jax.quant.packing import QuantWeight, dequantize, group_index, unpack_codes, unpack_zeros
+from pyllama_jax.model.packing import QuantWeight, dequantize, group_index, unpack_codes, unpack_zeros
 from pyllama_jax.tokenizer import Tokenizer
-from pyllama_jax.quant.qlinear import LAYER_LINEARS, quantized_linears
+from pyllama_jax.model.qlinear import LAYER_LINEARS, quantized_linears
 
 QUANT_FIELDS = gptq.QUANT_FIELDS
 

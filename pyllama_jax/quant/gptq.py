@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pyllama_jax.quant.packing import QuantWeight, group_index, pack
+from pyllama_jax.model.packing import QuantWeight, group_index, pack
 from pyllama_jax.quant.rtn import QuantSpec, find_params, quantize_codes
 
 log = logging.getLogger(__name__)

@@ -118,7 +118,7 @@ def load_or_quantize(c: Any, mesh: Any = None) -> Any:
     import pyllama_jax as pj
     from pyllama_jax.api import Model
     from pyllama_jax.quant.checkpoint import save_quantized
-    from pyllama_jax.quant.qlinear import set_kernel
+    from pyllama_jax.model.qlinear import set_kernel
 
     q = c.quant
     if not (q.wbits or q.load):
@@ -152,7 +152,7 @@ def load_or_quantize(c: Any, mesh: Any = None) -> Any:
         print(f"saved {folder}: {size / 2 ** 20:.1f} MiB")
         model.source = folder
     if mesh is not None:
-        from pyllama_jax.sharding import place
+        from pyllama_jax.model import place
 
         model = Model(place.shard(model.module, mesh), model.tokenizer, model.source, mesh, model.quant)
     return model

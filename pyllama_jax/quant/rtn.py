@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pyllama_jax.quant.packing import QuantWeight, check_bits, group_index, pack
+from pyllama_jax.model.packing import QuantWeight, check_bits, group_index, pack
 
 MSE_NORM, MSE_GRID, MSE_MAXSHRINK = 2.4, 100, 0.8
 

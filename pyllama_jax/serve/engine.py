@@ -33,7 +33,7 @@ from pyllama_jax.model.kv_cache import KVCache
 from pyllama_jax.model.llama import Llama
 from pyllama_jax.serve.logprobs import TOP, TokenLogprob, entry, step_logprobs
 from pyllama_jax.serve.text import TextStream
-from pyllama_jax.sharding import place
+from pyllama_jax.model import place
 from pyllama_jax.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)

@@ -29,6 +29,19 @@ RULES: Rules = (
     ("norm", None),  # RMSNorm scales
 )
 
+# A packed quantized weight (`pyllama_jax.model.qlinear`) shards with the dense kernel `(input, output)` it
+# replaces: each dimension of each field follows the kernel's input or output axis, or its quantization
+# groups, which split along the input unless a single group spans it (then every shard needs it whole).
+PACKED_AXES = {"qweight": ("input", "output"), "scales": ("groups", "output"), "qzeros": ("groups", "output"),
+               "g_idx": ("input",)}
+
+
+def packed_axes(field: str, kernel_axes: Sequence[str | None], n_groups: int) -> tuple[str | None, ...]:
+    """Logical axes of a packed weight's `field` (see `PACKED_AXES`) for a kernel with `kernel_axes`."""
+    role = {"input": kernel_axes[0], "output": kernel_axes[1], "groups": kernel_axes[0] if n_groups > 1 else None}
+    return tuple(role[r] for r in PACKED_AXES[field])
+
+
 # Logical axis -> the ModelConfig field whose size must divide by the mesh axes it maps to.
 MODEL_SIZES = {"heads": "n_heads", "kv_heads": "kv_heads", "mlp": "hidden_dim", "vocab": "vocab_size",
                "embed": "dim"}

@@ -17,8 +17,8 @@ from flax import nnx
 from pyllama_jax.model.config import ModelConfig
 from pyllama_jax.model.llama import Linear, Llama, abstract_model
 from pyllama_jax.model.params import LAYER_LINEARS
-from pyllama_jax.quant.packing import dequantize
-from pyllama_jax.quant.qlinear import QuantLinear, get_module, set_linear
+from pyllama_jax.model.packing import dequantize
+from pyllama_jax.model.qlinear import QuantLinear, get_module, set_linear
 
 
 class LoRAParam(nnx.Param):

@@ -13,7 +13,7 @@ from pyllama_jax.data import alpaca
 from pyllama_jax.model.params import named_tensors
 from pyllama_jax.quant.recipe import quantize, recipe_from
 from pyllama_jax.sharding import mesh as mesh_lib
-from pyllama_jax.sharding import place
+from pyllama_jax.model import place
 from pyllama_jax.train import lora, tiny
 from pyllama_jax.train.loop import LoopConfig, fit
 from pyllama_jax.train.trainer import OptimConfig, Trainer

@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pyllama_jax.data.alpaca import IGNORE
 from pyllama_jax.model.llama import Llama
-from pyllama_jax.sharding import place
+from pyllama_jax.model import place
 from pyllama_jax.sharding.rules import logical_to_spec, replicated
 from pyllama_jax.train.lora import LoRAParam
 

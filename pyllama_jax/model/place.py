@@ -19,7 +19,7 @@ from pyllama_jax.model import kv_cache
 from pyllama_jax.model.config import ModelConfig
 from pyllama_jax.model.kv_cache import KVCache
 from pyllama_jax.model.llama import Llama, abstract_model
-from pyllama_jax.sharding import quant
+from pyllama_jax.model.qlinear import QuantLinear
 from pyllama_jax.sharding import rules as sr
 
 
@@ -28,8 +28,8 @@ def placer(config: ModelConfig, mesh: Mesh, rules: sr.Rules = sr.RULES,
     """`place(name, host_array) -> jax.Array` sharded by the rules; for `build_model(place=...)`.
 
     Each device's slice is cut from `host_array` (and cast to the parameter's dtype) on its own.
-    `model` is the structure to fill (default: the dense model of `config`; a quantized one has
-    its packed arrays annotated by `sharding.quant.annotate`).
+    `model` is the structure to fill (default: the dense model of `config`; a quantized one's packed
+    arrays carry the logical axes of the kernels they replace).
     """
     model = check_layout(model if model is not None else abstract_model(config), mesh.shape, rules)
     _, state = nnx.split(model)
@@ -49,13 +49,32 @@ def placer(config: ModelConfig, mesh: Mesh, rules: sr.Rules = sr.RULES,
 
 def check_layout(model: Llama, mesh_shape: Mapping[str, int], rules: sr.Rules = sr.RULES) -> Llama:
     """Raise, naming the field or tensor, if a mesh of this shape cannot split `model` (which may be
-    abstract: `nnx.eval_shape`); annotates packed quantized weights with logical axes on the way."""
+    abstract: `nnx.eval_shape`)."""
     sr.check_model(model.config, mesh_shape, rules)
-    quant.annotate(model)
-    quant.check(model, mesh_shape, rules)
+    check_groups(model, mesh_shape, rules)
     for path, var in nnx.to_flat_state(nnx.state(model)):
         sr.variable_spec(".".join(str(p) for p in path), var, mesh_shape, rules)
     return model
+
+
+def check_groups(model: Llama, mesh_shape: Mapping[str, int], rules: sr.Rules = sr.RULES) -> None:
+    """Raise, naming the layer, where a packed weight has no logical axes or the mesh cannot split its
+    quantization groups at shard boundaries (packed words are checked like every parameter)."""
+    for path, m in nnx.iter_graph(model):
+        if not isinstance(m, QuantLinear):
+            continue
+        name = ".".join(str(p) for p in path)
+        in_axis = (m.qweight.get_metadata().get("logical_axes") or (None,))[0]
+        if in_axis is None:
+            raise ValueError(f"{name}: a QuantLinear without logical axes cannot be placed on a mesh; make it "
+                             "with `qlinear.replace_linear` (axes of the Linear it replaces) or pass `axes`")
+        ways = sr.split_ways(in_axis, mesh_shape, rules)
+        n_groups = m.scales.get_value().shape[0]
+        if n_groups > 1 and n_groups % ways:
+            raise ValueError(
+                f"{name} ({m.bits}-bit, groupsize {m.groupsize}): its {n_groups} quantization groups cannot "
+                f"be split {ways} ways along its {m.in_features} inputs (logical axis {in_axis!r}); choose a "
+                f"groupsize giving a multiple of {ways} groups, or a mesh that splits {in_axis!r} fewer ways")
 
 
 def shard(model: Llama, mesh: Mesh, rules: sr.Rules = sr.RULES) -> Llama:

@@ -3,7 +3,7 @@
 `qmatmul(x, qw, kernel)` is the one entry point for `x @ W` with a packed `QuantWeight`:
 "xla" dequantizes then multiplies (the reference; on a CPU, a few rows go through the packed-word
 kernel of `pyllama_jax/kernels/cpu.py` instead); "pallas" runs the kernel of
-`pyllama_jax/quant/kernels/dequant_matmul.py` where it applies (GPU, supported shapes).
+`pyllama_jax/kernels/dequant_matmul.py` where it applies (GPU, supported shapes).
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from flax import nnx
 
 from pyllama_jax.kernels import cpu as cpu_kernels
 from pyllama_jax.model.order import after
-from pyllama_jax.quant.packing import QuantWeight, dequantize
+from pyllama_jax.model.packing import QuantWeight, dequantize
+from pyllama_jax.sharding.rules import packed_axes
 
 LAYER_LINEARS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
 
@@ -46,7 +47,7 @@ _xla_qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
 
 
 def _pallas_qmatmul(x: jax.Array, qw: QuantWeight) -> jax.Array:
-    from pyllama_jax.quant.kernels import dequant_matmul  # Pallas is imported only when chosen
+    from pyllama_jax.kernels import dequant_matmul  # Pallas is imported only when chosen
 
     return dequant_matmul.qmatmul(x, qw, _xla_qmatmul)  # warns and falls back where it cannot run
 
@@ -69,18 +70,17 @@ class QuantLinear(nnx.Module):
     """A bias-free linear layer over a packed weight; called like `Linear`: `y = x @ W`.
 
     `axes`, the logical axes `(input, output)` of the dense kernel it replaces, shard the packed
-    arrays with their layer: `qweight` and `g_idx` by input and output, `scales`/`qzeros` by
-    group and output (a single group is replicated along the input).
+    arrays with their layer as `pyllama_jax.sharding.rules.PACKED_AXES` declares (`replace_linear`
+    takes them from the `Linear` it replaces; without them the layer cannot be placed on a mesh).
     """
 
     def __init__(self, qw: QuantWeight, dtype=jnp.float32, kernel: str = "xla",
                  axes: tuple[str | None, str | None] | None = None):
-        group_axes = None if axes is None else ((axes[0] if qw.scales.shape[0] > 1 else None), axes[1])
-        meta = lambda logical: {} if axes is None else {"logical_axes": logical}
-        self.qweight = QuantParam(qw.qweight, **meta(axes))
-        self.scales = QuantParam(qw.scales, **meta(group_axes))
-        self.qzeros = QuantParam(qw.qzeros, **meta(group_axes))
-        self.g_idx = QuantParam(qw.g_idx, **meta(None if axes is None else axes[:1]))
+        meta = lambda field: {} if axes is None else {"logical_axes": packed_axes(field, axes, qw.scales.shape[0])}
+        self.qweight = QuantParam(qw.qweight, **meta("qweight"))
+        self.scales = QuantParam(qw.scales, **meta("scales"))
+        self.qzeros = QuantParam(qw.qzeros, **meta("qzeros"))
+        self.g_idx = QuantParam(qw.g_idx, **meta("g_idx"))
         self.bits, self.groupsize, self.in_features = qw.bits, qw.groupsize, qw.in_features
         self.dtype, self.kernel = dtype, kernel
 
