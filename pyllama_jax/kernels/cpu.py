@@ -3,9 +3,9 @@
 XLA's CPU backend computes a bfloat16 dot through a float32 copy of the weight and cannot fuse
 unpacking into a dot, so on a CPU a 16-bit or 4-bit decode step was slower than a float32 one. The
 kernels read each weight once and accumulate in float32. They are compiled with the machine's C++
-compiler (`$CXX`, else `g++`, `-O3 -march=native`) into a cache folder (`$PYLLAMA_CACHE_DIR`, else
-`~/.cache/pyllama_jax`) the first time a CPU program needs them; without a compiler, or with
-`PYLLAMA_CPU_KERNELS=0`, everything runs through XLA as before (with one warning for the first case).
+compiler (`$CXX`, else `g++`, `-O3 -march=native`) into the cache folder (`pyllama_jax.cache`) the
+first time a CPU program needs them; without a compiler, or with `PYLLAMA_CPU_KERNELS=0`, everything
+runs through XLA as before (with one warning for the first case).
 """
 from __future__ import annotations
 
@@ -23,14 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pyllama_jax.cache import cache_dir
+
 MAX_ROWS = 16  # more rows (a prefill) are compute-bound: XLA's dot is the better program there
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_matmul.cc")
 TARGETS = ("pyllama_cpu_dense_matmul", "pyllama_cpu_packed_matmul")
-
-
-def _cache_dir() -> str:
-    return os.path.join(os.environ.get("PYLLAMA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                                             "pyllama_jax"), "kernels")
 
 
 def _cpu_flags() -> str:
@@ -51,7 +48,7 @@ def _build() -> str:
     with open(SOURCE, "rb") as f:
         key = hashlib.sha256(f.read() + " ".join(command).encode() + jax.__version__.encode()
                              + _cpu_flags().encode()).hexdigest()[:16]
-    folder = _cache_dir()
+    folder = cache_dir("kernels")
     path = os.path.join(folder, f"cpu_matmul-{key}.so")
     if os.path.isfile(path):
         return path
