@@ -1,8 +1,9 @@
 """Text generation: a jitted prefill, then a decode step that compiles once per (batch, cache) shape.
 
 Prompts of different lengths are right-padded into one batch; every row keeps its own position,
-so rows finish independently. Prompt and cache lengths are rounded up to a few fixed buckets, so
-a session compiles a handful of programs, not one per prompt.
+so rows finish independently. Prompt and cache lengths are rounded up to a few fixed buckets
+(`decoding.buckets`), so a session compiles a handful of programs, not one per prompt; each row's
+text and stop rules are a `decoding.text.TextStream`, as in the serving engine.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from pyllama_jax.decoding.buckets import pow2
+from pyllama_jax.decoding.text import TextStream, TokenStream
 from pyllama_jax.model.llama import Llama
 from pyllama_jax.model import place
 from pyllama_jax.sharding.rules import replicated, state_shardings
@@ -101,14 +104,6 @@ class Generation:
                 f"prefill {self.prefill_tokens_per_second:.0f} tok/s; {decode}")
 
 
-def bucket(n: int, limit: int) -> int:
-    """`n` rounded up to a power of two (at least MIN_BUCKET), capped at `limit`."""
-    b = MIN_BUCKET
-    while b < n:
-        b *= 2
-    return min(b, limit)
-
-
 def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array,
            top_p: jax.Array) -> jax.Array:
     """Next tokens `[b]` from `logits[b, vocab]`; per-row temperature (0 = greedy), top-k, top-p."""
@@ -167,26 +162,39 @@ class Generator:
                 raise ValueError(f"prompt {i} is empty")
         return ids
 
+    def rows(self, n: int, sampling: SamplingConfig) -> list[TextStream]:
+        """One `TextStream` per prompt: the text, tokens and finish reason of its row."""
+        return [TextStream(self.tokenizer, sampling.stop, sampling.max_new_tokens, sampling.ignore_eos)
+                for _ in range(n)]
+
     def stream(self, prompts: Sequence[str | Sequence[int]], sampling: SamplingConfig = SamplingConfig(),
-               stats: dict | None = None) -> Iterator[list[int | None]]:
+               stats: dict | None = None, rows: Sequence[TokenStream] | None = None,
+               on_text: Callable[[int, str], None] | None = None) -> Iterator[list[int | None]]:
         """Yield, per step, the new token of each row (None once a row has finished).
 
-        `stats`, if given, receives the prompt token count, decode steps, compile seconds and
-        prefill/decode seconds without compilation (see `Generation`).
+        Each token is pushed into its row of `rows` (default: `TokenStream`s, which end a row at EOS or
+        max_new_tokens; `self.rows(...)` also decodes the text and ends a row at a stop string), whose
+        `finish_reason` ends the row; `on_text(row, delta)` receives the text a push releases. `stats`,
+        if given, receives the prompt token count, decode steps, compile seconds and prefill/decode
+        seconds without compilation (see `Generation`).
         """
         ids = self.encode_prompts(prompts)
         b, longest = len(ids), max(len(r) for r in ids)
+        if rows is None:
+            rows = [TokenStream(self.tokenizer.eos_ids, sampling.max_new_tokens, sampling.ignore_eos) for _ in ids]
+        if len(rows) != b:
+            raise ValueError(f"{len(rows)} rows for {b} prompts")
         limit = self.config.max_seq_len
         if longest + sampling.max_new_tokens > limit:
             raise ValueError(f"prompt of {longest} tokens + max_new_tokens={sampling.max_new_tokens} "
                              f"exceeds the model's context of {limit} tokens by "
                              f"{longest + sampling.max_new_tokens - limit}")
-        t = bucket(longest, limit)
+        t = pow2(longest, MIN_BUCKET, limit)
         tokens = np.zeros((b, t), np.int32)
         for i, row in enumerate(ids):
             tokens[i, :len(row)] = row
         lengths = np.array([len(r) for r in ids], np.int32)
-        cache_len = bucket(longest + sampling.max_new_tokens, limit)
+        cache_len = pow2(longest + sampling.max_new_tokens, MIN_BUCKET, limit)
         knobs = (jnp.full((b,), sampling.temperature, jnp.float32), jnp.full((b,), sampling.top_k, jnp.int32),
                  jnp.full((b,), sampling.top_p, jnp.float32))
         key, sub = jax.random.split(jax.random.key(sampling.seed))
@@ -208,21 +216,22 @@ class Generator:
         if stats is not None:
             stats.update(prompt_tokens=int(lengths.sum()), prefill_seconds=prefill_seconds,
                          compile_seconds=prefill_compile)
-        done = np.zeros(b, bool)
         positions = lengths.copy()
         calls, warm_calls, warm_seconds, compiled = 0, 0, 0.0, prefill_compile
-        for step in range(sampling.max_new_tokens):
-            out = [None if done[i] else int(nxt_host[i]) for i in range(b)]
-            if not sampling.ignore_eos:
-                done |= np.isin(nxt_host, list(self.tokenizer.eos_ids))
+        while True:
+            out: list[int | None] = [None] * b
+            for i, row in enumerate(rows):
+                if row.finish_reason is None:
+                    out[i] = int(nxt_host[i])
+                    delta = row.push(out[i])
+                    if delta and on_text is not None:
+                        on_text(i, delta)
             if stats is not None:  # every decode step at the mean time of those that compiled nothing
                 mean = warm_seconds / warm_calls if warm_calls else float("nan")
                 stats.update(decode_seconds=mean * calls if calls else 0.0, decode_steps=calls,
                              compile_seconds=compiled)
-            stop = yield out
-            if stop is not None:
-                done |= np.asarray(stop, bool)
-            if done.all() or step == sampling.max_new_tokens - 1:
+            yield out
+            if all(row.finish_reason is not None for row in rows):
                 return
             key, sub = jax.random.split(key)
             start = time.time()
@@ -239,47 +248,9 @@ class Generator:
     def generate(self, prompts: Sequence[str | Sequence[int]], sampling: SamplingConfig = SamplingConfig(),
                  on_text: Callable[[int, str], None] | None = None) -> Generation:
         """Generate for a batch of prompts; `on_text(row, delta)` streams text as it is produced."""
-        b = len(prompts)
-        new: list[list[int]] = [[] for _ in range(b)]
-        texts, reasons = [""] * b, ["length"] * b
-        stats: dict = {}
-        steps = self.stream(prompts, sampling, stats)
-        step_out = next(steps)
-        while True:
-            stopped = []
-            for i, tok in enumerate(step_out):
-                if tok is None:
-                    stopped.append(True)
-                    continue
-                if tok in self.tokenizer.eos_ids and not sampling.ignore_eos:
-                    reasons[i] = "stop"
-                    stopped.append(True)
-                    continue
-                new[i].append(tok)
-                text = self.tokenizer.decode(new[i])
-                hit = _first_stop(text, sampling.stop)
-                if hit is not None:
-                    text, reasons[i] = text[:hit], "stop"
-                if on_text is not None and not text.endswith("\ufffd") and len(text) > len(texts[i]):
-                    on_text(i, text[len(texts[i]):])
-                if not text.endswith("\ufffd"):
-                    texts[i] = text
-                stopped.append(hit is not None)
-            try:
-                step_out = steps.send(stopped)
-            except StopIteration:
-                break
-        for i in range(b):  # a row cut at max_new_tokens may end inside a multi-byte character
-            texts[i] = _strip_stop(self.tokenizer.decode(new[i]), sampling.stop)
-        return Generation(texts, new, reasons, stats["prompt_tokens"], stats["prefill_seconds"],
-                          stats.get("decode_seconds", 0.0), stats.get("decode_steps", 0), stats["compile_seconds"])
-
-
-def _first_stop(text: str, stops: Sequence[str]) -> int | None:
-    hits = [text.find(s) for s in stops if s and s in text]
-    return min(hits) if hits else None
-
-
-def _strip_stop(text: str, stops: Sequence[str]) -> str:
-    hit = _first_stop(text, stops)
-    return text if hit is None else text[:hit]
+        rows, stats = self.rows(len(prompts), sampling), {}
+        for _ in self.stream(prompts, sampling, stats, rows, on_text):
+            pass
+        return Generation([r.text for r in rows], [r.ids for r in rows], [r.finish_reason for r in rows],
+                          stats["prompt_tokens"], stats["prefill_seconds"], stats.get("decode_seconds", 0.0),
+                          stats.get("decode_steps", 0), stats["compile_seconds"])

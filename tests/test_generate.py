@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 import pyllama_jax as pj
-from pyllama_jax.api import Model, embedded_path
-from pyllama_jax.generate import Generator, SamplingConfig, bucket, sample
+from pyllama_jax.api import Model
+from pyllama_jax.convert.names import embedded_path
+from pyllama_jax.decoding.buckets import pow2
+from pyllama_jax.generate import MIN_BUCKET, Generator, SamplingConfig, sample
 from pyllama_jax.model.config import preset
 from pyllama_jax.model.llama import init_model
 
@@ -80,7 +82,7 @@ def test_generation_compiles_once_per_bucket():
         gen.generate([list(range(1, length + 1))], cfg)
     gen.generate([[1, 2], list(range(1, 15))], cfg)  # batch 2: one more program each
     assert gen._prefill._cache_size() == 2 and gen._decode._cache_size() == 2
-    assert [bucket(n, 256) for n in (1, 16, 17, 200, 300)] == [16, 16, 32, 256, 256]
+    assert [pow2(n, MIN_BUCKET, 256) for n in (1, 16, 17, 200, 300)] == [16, 16, 32, 256, 256]
 
 
 def test_compile_time_is_reported_apart_from_steady_rates():
@@ -165,3 +167,42 @@ class _ByteTokenizer:
     def decode(self, ids) -> str:
         return bytes(i for i in ids if 0 < i < 256).decode(errors="replace")
 
+
+class _CountingTokenizer(_ByteTokenizer):
+    """Every id a piece of text (some multi-byte); counts the ids each `decode` call is handed."""
+
+    PIECES = ("a", "é", "👋", " the", "\n", "-")
+
+    def __init__(self):
+        self.decoded = 0
+
+    def decode(self, ids) -> str:
+        self.decoded += len(ids)
+        return "".join(self.PIECES[i % len(self.PIECES)] for i in ids if i)
+
+
+@pytest.mark.parametrize("tokenizer", [_ByteTokenizer(), _CountingTokenizer()], ids=["bytes", "pieces"])
+def test_streamed_text_is_the_final_text(tokenizer):
+    """Streaming adds up to each row's final text, the plain decode of its tokens, also when characters
+    are cut across tokens (bytes)."""
+    gen = Generator(init_model(preset("tiny", max_seq_len=256), seed=4), tokenizer)
+    streamed = ["", ""]
+
+    def on_text(row: int, delta: str) -> None:
+        streamed[row] += delta
+
+    g = gen.generate([list("héllo wörld 👋".encode()), [200, 201]], SamplingConfig(max_new_tokens=40, ignore_eos=True),
+                     on_text)
+    assert streamed == g.texts == [tokenizer.decode(t) for t in g.tokens]
+    assert [len(t) for t in g.tokens] == [40, 40] and g.finish_reasons == ["length"] * 2
+    assert any(t >= 128 for row in g.tokens for t in row)
+
+
+@pytest.mark.parametrize("new_tokens", [20, 200])
+def test_text_is_decoded_once_per_token(new_tokens):
+    """Each token decodes a window of at most 3 ids, never the whole row again (that is ~n**2 / 2)."""
+    tokenizer = _CountingTokenizer()
+    gen = Generator(init_model(preset("tiny", max_seq_len=256), seed=4), tokenizer)
+    g = gen.generate([[5, 6, 7]], SamplingConfig(max_new_tokens=new_tokens, ignore_eos=True))
+    assert len(g.tokens[0]) == new_tokens
+    assert tokenizer.decoded <= 3 * new_tokens

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
+from pyllama_jax.decoding.text import TextStream
 from pyllama_jax.generate import Generator, SamplingConfig
 from pyllama_jax.model.config import preset
 from pyllama_jax.model.llama import init_model
 from pyllama_jax.serve.engine import Engine, Event, QueueFull, Request
 from pyllama_jax.serve.process import REPO
-from pyllama_jax.serve.text import TextStream
 from pyllama_jax.tokenizer import Tokenizer
 
 EOS = 3
@@ -142,7 +142,8 @@ def test_warmup_compiles_every_window(tiny):
     model, tokenizer = tiny
     engine = Engine(model, tokenizer, slots=2, prefill_chunk=32)
     engine.warmup()
-    compiled = engine._prefill._cache_size(), engine._decode._cache_size()
+    programs = lambda: [sum(f._cache_size() for f in jits.values()) for jits in (engine._prefill, engine._decode)]
+    compiled = programs()
     engine.start()
     try:
         got = Collector(2)
@@ -152,7 +153,7 @@ def test_warmup_compiles_every_window(tiny):
     finally:
         engine.close()
     assert [e.finish_reason for e in got.final] == ["length", "length"]
-    assert (engine._prefill._cache_size(), engine._decode._cache_size()) == compiled
+    assert programs() == compiled and compiled == [3, 3 * 2]  # windows 128, 256, 512; 1 and 2 rows
 
 
 @pytest.mark.parametrize("stop", [("wör!", "STOP"), ("👋 S",), ()])
@@ -235,7 +236,8 @@ def test_sharded_engine_matches_single_device():
 
 
 def _sharded_case() -> None:
-    from pyllama_jax.sharding import mesh as pmesh, place
+    from pyllama_jax.model import place
+    from pyllama_jax.sharding import mesh as pmesh
 
     tokenizer = byte_tokenizer()
     model = init_model(preset("tiny", max_seq_len=256), seed=3)

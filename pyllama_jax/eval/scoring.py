@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from pyllama_jax.decoding.buckets import pow2
 from pyllama_jax.model.llama import Llama
 from pyllama_jax.model import place
 from pyllama_jax.sharding.rules import replicated, state_shardings
@@ -39,22 +40,6 @@ class Scores:
     def greedy(self) -> np.ndarray:
         """[n-1] bool: the token is the model's most likely one (needs `top` >= 1)."""
         return self.logprobs >= self.top_logprobs[:, 0]
-
-
-def pow2(n: int, low: int, high: int) -> int:
-    """The smallest `low * 2**k` >= n, capped at `high`."""
-    b = low
-    while b < n:
-        b *= 2
-    return min(b, high)
-
-
-def pow2s(low: int, high: int) -> list[int]:
-    """Every value `pow2(n, low, high)` can take: low, 2 low, 4 low, ... capped at high."""
-    sizes = [min(low, high)]
-    while sizes[-1] < high:
-        sizes.append(min(2 * sizes[-1], high))
-    return sizes
 
 
 def _score_fn(graphdef: Any, top: int):

@@ -9,13 +9,14 @@ every active slot, both rounded up to powers of two: one user does not pay for i
 context, and a session compiles a handful of programs, all fixed by the slot count and context and all
 compiled by `warmup()`, so no request stalls the others to compile one. A step computes log-
 probabilities (`serve.logprobs`) only when one of its rows asked for them; `score()` rates whole
-prompts with the uncached forward (`echo`).
+prompts with the uncached forward (`echo`). Buckets, the per-row text and stop rules (`decoding`) and
+the jitting with shardings (`place.jit`) are the batch generator's.
 """
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
+import functools
 import logging
 import queue
 import threading
@@ -27,13 +28,15 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from pyllama_jax.eval.scoring import Scorer, Scores, pow2 as _pow2, pow2s as _pow2s
+from pyllama_jax.decoding.buckets import pow2, pow2s
+from pyllama_jax.decoding.text import TextStream
+from pyllama_jax.eval.scoring import Scorer, Scores
 from pyllama_jax.generate import sample
 from pyllama_jax.model.kv_cache import KVCache
 from pyllama_jax.model.llama import Llama
 from pyllama_jax.serve.logprobs import TOP, TokenLogprob, entry, step_logprobs
-from pyllama_jax.serve.text import TextStream
 from pyllama_jax.model import place
+from pyllama_jax.sharding.rules import replicated, state_shardings
 from pyllama_jax.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -75,44 +78,59 @@ class Request:
 @dataclasses.dataclass(eq=False)
 class _Slot:
     request: Request
-    text: TextStream
+    text: TextStream  # the generated text, token count and finish reason
     prefilled: int = 0  # prompt tokens already in the cache
-    generated: int = 0
     pending: list[TokenLogprob] = dataclasses.field(default_factory=list)  # logprobs not yet sent
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """How many generations run at once and the context each gets (the `serve` section's engine part)."""
+
+    slots: int = 8  # concurrent generations: rows of the decode batch
+    context: int = 2048  # tokens per slot, prompt + completion (capped at the model's; 0 = the model's)
+    max_queue: int = 64  # requests waiting for a slot before new ones are refused (HTTP 503)
+    prefill_chunk: int = 64  # prompt tokens read per step (interleaved with decode steps)
 
 
 class Engine:
     """A background thread that runs admitted requests through `slots` cache rows."""
 
-    def __init__(self, model: Llama, tokenizer: Tokenizer, slots: int = 8, context: int = 0,
-                 max_queue: int = 64, prefill_chunk: int = 64, mesh: Mesh | None = None):
-        """`context`: tokens per slot (capped at the model's max_seq_len; 0 = that). `mesh`: the mesh
-        the model's weights are sharded on (the cache is split the same way); None = one device."""
-        if slots < 1 or prefill_chunk < 1 or max_queue < 0 or context < 0:
-            raise ValueError(f"serve: slots={slots} and prefill_chunk={prefill_chunk} must be >= 1, "
-                             f"max_queue={max_queue} and context={context} >= 0")
+    def __init__(self, model: Llama, tokenizer: Tokenizer, config: EngineConfig = EngineConfig(),
+                 mesh: Mesh | None = None, **fields: Any):
+        """`fields` override `config`'s (e.g. `slots=2`). `mesh`: the mesh the model's weights are
+        sharded on (the cache is split the same way); None = one device."""
+        c = dataclasses.replace(config, **fields)
+        if c.slots < 1 or c.prefill_chunk < 1 or c.max_queue < 0 or c.context < 0:
+            raise ValueError(f"serve: slots={c.slots} and prefill_chunk={c.prefill_chunk} must be >= 1, "
+                             f"max_queue={c.max_queue} and context={c.context} >= 0")
         self.config, self.tokenizer = model.config, tokenizer
-        self.slots, self.context = slots, min(context or model.config.max_seq_len, model.config.max_seq_len)
-        self.max_queue, self.prefill_chunk = max_queue, prefill_chunk
+        self.slots, self.context = c.slots, min(c.context or model.config.max_seq_len, model.config.max_seq_len)
+        self.max_queue, self.prefill_chunk = c.max_queue, c.prefill_chunk
         self._graphdef, self._state = nnx.split(model)
         self._mesh = mesh
         self._scorer = Scorer(model, mesh)
-        self._cache = place.create_cache(self.config, slots, self.context, mesh)
-        self._prefill = jax.jit(self._prefill_fn, static_argnames=("window",), donate_argnames=("cache",))
-        self._decode = jax.jit(self._decode_fn, static_argnames=("window",), donate_argnames=("cache",))
-        self._rows: list[_Slot | None] = [None] * slots
+        self._cache = place.create_cache(self.config, self.slots, self.context, mesh)
+        # One pair of programs per cache window (each compiled once per shape), jitted with shardings.
+        w, r = state_shardings(self._state, mesh), replicated(mesh)  # the cache keeps its own sharding
+        jit = lambda fn, n_args, window: place.jit(functools.partial(fn, window=window), mesh,
+                                                   (w, None) + (r,) * n_args, (r, None), (1,))
+        windows = pow2s(MIN_WINDOW, self.context)
+        self._prefill = {window: jit(self._prefill_fn, 9, window) for window in windows}
+        self._decode = {window: jit(self._decode_fn, 8, window) for window in windows}
+        self._rows: list[_Slot | None] = [None] * self.slots
         self._waiting: collections.deque[Request] = collections.deque()
         self._cv = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="pyllama-engine", daemon=True)
         # Host copies of the per-slot decode inputs.
-        self._tokens = np.zeros(slots, np.int32)
-        self._positions = np.zeros(slots, np.int32)
-        self._seeds = np.zeros(slots, np.uint32)
-        self._temperature = np.zeros(slots, np.float32)
-        self._top_k = np.zeros(slots, np.int32)
-        self._top_p = np.ones(slots, np.float32)
-        self._want = np.zeros(slots, bool)  # the slot's request asked for logprobs
+        self._tokens = np.zeros(self.slots, np.int32)
+        self._positions = np.zeros(self.slots, np.int32)
+        self._seeds = np.zeros(self.slots, np.uint32)
+        self._temperature = np.zeros(self.slots, np.float32)
+        self._top_k = np.zeros(self.slots, np.int32)
+        self._top_p = np.ones(self.slots, np.float32)
+        self._want = np.zeros(self.slots, bool)  # the slot's request asked for logprobs
 
     # ---- jitted programs -------------------------------------------------------------------------
 
@@ -177,19 +195,15 @@ class Engine:
     def warmup(self) -> None:
         """Compile every program a request can need: prefill for each cache window, decode for each
         window and row count (1, 2, 4, ..., slots)."""
-        with self._on_mesh():
-            self._compile_all()
-
-    def _compile_all(self) -> None:
         z = jnp.zeros((), jnp.int32)
         self._positions[:] = self.context  # idle rows: nothing is written
-        for window in _pow2s(MIN_WINDOW, self.context):
+        for window in pow2s(MIN_WINDOW, self.context):
             if window >= self._prefill_window(0):
-                _, self._cache = self._prefill(
+                _, self._cache = self._prefill[window](
                     self._state, self._cache, z, jnp.zeros((1, self.prefill_chunk), jnp.int32), z, z,
-                    jnp.zeros((), jnp.uint32), jnp.zeros(()), z, jnp.ones(()), jnp.zeros((), bool), window=window)
-            for rows in _pow2s(1, self.slots):
-                nxt, self._cache = self._decode(self._state, self._cache, *self._decode_inputs(rows), window=window)
+                    jnp.zeros((), jnp.uint32), jnp.zeros(()), z, jnp.ones(()), jnp.zeros((), bool))
+            for rows in pow2s(1, self.slots):
+                nxt, self._cache = self._decode[window](self._state, self._cache, *self._decode_inputs(rows))
         nxt[0].block_until_ready()
 
     def check(self, prompt_tokens: int, max_tokens: int) -> None:
@@ -259,14 +273,6 @@ class Engine:
     # ---- the engine thread -------------------------------------------------------------------------
 
     def _run(self) -> None:
-        with self._on_mesh():
-            self._loop()
-
-    def _on_mesh(self):
-        """The mesh context (its activation constraints apply inside), or nothing without one."""
-        return jax.sharding.set_mesh(self._mesh) if self._mesh is not None else contextlib.nullcontext()
-
-    def _loop(self) -> None:
         while True:
             with self._cv:
                 while not self._closed and not self._waiting and all(s is None for s in self._rows):
@@ -284,10 +290,10 @@ class Engine:
                 self._cache = place.create_cache(self.config, self.slots, self.context, self._mesh)
                 for i, s in enumerate(self._rows):
                     if s is not None:
-                        self._finish(i, Event("", "error", s.generated))
+                        self._finish(i, Event("", "error", s.text.generated))
         for i, s in enumerate(self._rows):
             if s is not None:
-                self._finish(i, Event("", "cancelled", s.generated))
+                self._finish(i, Event("", "cancelled", s.text.generated))
         while self._waiting:
             self._notify(self._waiting.popleft(), Event("", "cancelled", 0))
 
@@ -297,19 +303,19 @@ class Engine:
             self._notify(r, Event("", "cancelled", 0))
         for i, s in enumerate(self._rows):
             if s is not None and s.request.cancelled:
-                self._finish(i, Event("", "cancelled", s.generated))
+                self._finish(i, Event("", "cancelled", s.text.generated))
 
     def _admit(self) -> None:
         for i in range(self.slots):
             if self._rows[i] is None and self._waiting:
                 r = self._waiting.popleft()
-                self._rows[i] = _Slot(r, TextStream(self.tokenizer, r.stop))
+                self._rows[i] = _Slot(r, TextStream(self.tokenizer, r.stop, r.max_tokens, r.ignore_eos))
                 self._seeds[i] = np.uint32(r.seed & 0xFFFFFFFF)
                 self._temperature[i], self._top_k[i], self._top_p[i] = r.temperature, r.top_k, r.top_p
                 self._want[i] = r.logprobs is not None
 
     def _prefill_window(self, start: int) -> int:
-        return _pow2(start + self.prefill_chunk, MIN_WINDOW, self.context)
+        return pow2(start + self.prefill_chunk, MIN_WINDOW, self.context)
 
     def _prefill_step(self) -> None:
         """One prompt chunk for every slot that still has prompt to read."""
@@ -320,30 +326,29 @@ class Engine:
             chunk = np.zeros((1, self.prefill_chunk), np.int32)
             part = prompt[start:start + self.prefill_chunk]
             chunk[0, :len(part)] = part
-            nxt, self._cache = self._prefill(
+            nxt, self._cache = self._prefill[self._prefill_window(start)](
                 self._state, self._cache, jnp.int32(i), jnp.asarray(chunk), jnp.int32(start),
                 jnp.int32(len(part) - 1), jnp.uint32(self._seeds[i]), jnp.float32(self._temperature[i]),
-                jnp.int32(self._top_k[i]), jnp.float32(self._top_p[i]), jnp.bool_(self._want[i]),
-                window=self._prefill_window(start))
+                jnp.int32(self._top_k[i]), jnp.float32(self._top_p[i]), jnp.bool_(self._want[i]))
             s.prefilled += len(part)
             if s.prefilled == len(prompt):
                 self._positions[i] = len(prompt)
                 self._on_token(i, *self._host(nxt, 0, self._want[i]))
 
     def _decode_inputs(self, rows: int) -> tuple:
-        steps = np.array([s.generated if s is not None else 0 for s in self._rows[:rows]], np.int32)
+        steps = np.array([s.text.generated if s is not None else 0 for s in self._rows[:rows]], np.int32)
         return tuple(jnp.asarray(a[:rows]) for a in (self._tokens, self._positions, self._seeds)) + (
             jnp.asarray(steps),) + tuple(jnp.asarray(a[:rows]) for a in (self._temperature, self._top_k, self._top_p,
                                                                           self._want))
 
     def _decode_step(self) -> None:
         decoding = [i for i, s in enumerate(self._rows) if s is not None and s.prefilled == len(s.request.prompt)]
-        rows = _pow2(max(decoding) + 1, 1, self.slots)
-        window = _pow2(int(self._positions[decoding].max()) + 1, MIN_WINDOW, self.context)
+        rows = pow2(max(decoding) + 1, 1, self.slots)
+        window = pow2(int(self._positions[decoding].max()) + 1, MIN_WINDOW, self.context)
         for i in range(rows):  # rows with no decoding request sit past the cache: their writes drop
             if i not in decoding:
                 self._positions[i] = self.context
-        out, self._cache = self._decode(self._state, self._cache, *self._decode_inputs(rows), window=window)
+        out, self._cache = self._decode[window](self._state, self._cache, *self._decode_inputs(rows))
         want = bool(self._want[decoding].any())
         out = tuple(np.asarray(a) for a in (out if want else out[:1]))  # logprobs leave the device only if asked
         for i in decoding:
@@ -357,19 +362,12 @@ class Engine:
     def _on_token(self, i: int, token: int, logprobs: tuple | None = None) -> None:
         s = self._rows[i]
         r = s.request
-        s.generated += 1
         self._tokens[i] = token
-        eos = token in self.tokenizer.eos_ids and not r.ignore_eos
-        if r.logprobs is not None and not eos:  # the end-of-sequence token is not part of the text
-            s.pending.append(entry(token, logprobs[0], logprobs[1], logprobs[2], min(r.logprobs, TOP)))
-        if eos:
-            self._finish(i, self._event(s, s.text.flush(), "stop"))
-            return
         text = s.text.push(token)
-        if s.text.stopped:
-            self._finish(i, self._event(s, text, "stop"))
-        elif s.generated >= r.max_tokens:
-            self._finish(i, self._event(s, text + s.text.flush(), "length"))
+        if r.logprobs is not None and not s.text.eos:  # the end-of-sequence token is not part of the text
+            s.pending.append(entry(token, logprobs[0], logprobs[1], logprobs[2], min(r.logprobs, TOP)))
+        if s.text.finish_reason is not None:
+            self._finish(i, self._event(s, text, s.text.finish_reason))
         elif text:
             self._notify(r, self._event(s, text, None))
 
@@ -379,7 +377,7 @@ class Engine:
         logprobs = None
         if s.request.logprobs is not None:
             logprobs, s.pending = s.pending, []
-        return Event(text, finish_reason, s.generated, logprobs)
+        return Event(text, finish_reason, s.text.generated, logprobs)
 
     def _finish(self, i: int, event: Event) -> None:
         request = self._rows[i].request

@@ -1,0 +1,1 @@
+"""What the generator and the serving engine share: length buckets and per-row text with stops."""
