@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import hmac
 import ipaddress
 import json
@@ -30,6 +31,16 @@ log = logging.getLogger(__name__)
 STATIC = os.path.join(os.path.dirname(__file__), "static")
 _KEY = web.AppKey("api_key", str)
 _GUARDED = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info")  # paths the API key protects
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """Where the server listens and who may call it (the `serve` section's server part)."""
+
+    host: str = "127.0.0.1"  # address to bind; anything but loopback requires an API key
+    port: int = 8000  # TCP port (0 = any free port, printed at start)
+    api_key: str = ""  # bearer token required on /v1/ (or $PYLLAMA_API_KEY); "" = none, local use only
+    model_name: str = ""  # the model id clients send ("" = the model's file or folder name)
 
 
 def is_loopback(host: str) -> bool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from flax import nnx
@@ -22,21 +22,25 @@ from pyllama_jax.train.metrics import MetricsLog, plot_losses
 from pyllama_jax.train.trainer import Trainer
 
 
+def resumable(default: Any) -> Any:
+    """A dataclass field that may change when a run resumes: it does not change what is trained."""
+    return dataclasses.field(default=default, metadata={"resumable": True})
+
+
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
     """How long to train and what to record along the way."""
 
-    workdir: str
-    steps: int
-    batch_size: int
-    seed: int = 0
-    save_every: int = 50  # steps between checkpoints
-    keep: int = 3  # checkpoints kept
-    eval_every: int = 50  # steps between held-out losses (0 = start and end only)
-    sample_every: int = 100  # steps between sample generations (0 = start and end only)
-    samples: int = 2  # held-out examples to generate for
-    sample_tokens: int = 64  # new tokens per sample
-    template: str = "alpaca"  # prompt template of the samples (the data's)
+    workdir: str = resumable("runs/finetune")  # checkpoints, metrics.csv, loss.png, samples.md
+    steps: int = 300  # optimizer steps
+    batch_size: int = 8  # rows per optimizer step
+    seed: int = 0  # data order, held-out split, adapter init and dropout
+    save_every: int = resumable(50)  # steps between checkpoints
+    keep: int = resumable(3)  # checkpoints kept
+    eval_every: int = resumable(50)  # steps between held-out losses (0 = start and end only)
+    sample_every: int = resumable(100)  # steps between sample generations (0 = start and end only)
+    samples: int = resumable(2)  # held-out examples to generate for
+    sample_tokens: int = resumable(64)  # new tokens per sample generation
 
 
 class Samples:
@@ -76,8 +80,10 @@ def _due(step: int, every: int, last: int) -> bool:
     return step == last or (every > 0 and step % every == 0)
 
 
-def fit(trainer: Trainer, data: Dataset, tokenizer: Tokenizer | None, c: LoopConfig, run_config: dict) -> None:
-    """Train to `c.steps`, resuming from `c.workdir`'s last checkpoint (`run_config` must match it)."""
+def fit(trainer: Trainer, data: Dataset, tokenizer: Tokenizer | None, c: LoopConfig, run_config: dict,
+        template: str) -> None:
+    """Train to `c.steps`, resuming from `c.workdir`'s last checkpoint (`run_config` must match it);
+    samples are prompted with the data's `template`."""
     os.makedirs(c.workdir, exist_ok=True)
     ckpt = Checkpointer(os.path.join(c.workdir, "checkpoints"), c.save_every, c.keep, run_config)
     start = 0
@@ -88,7 +94,7 @@ def fit(trainer: Trainer, data: Dataset, tokenizer: Tokenizer | None, c: LoopCon
     batches = Batches(data.train, c.batch_size, c.seed)
     held_out = eval_batches(data.held_out, c.batch_size) if len(data.held_out) else []
     log = MetricsLog(c.workdir, start)
-    samples = Samples(trainer, tokenizer, data.held_out_examples[:c.samples], c.template, c.sample_tokens,
+    samples = Samples(trainer, tokenizer, data.held_out_examples[:c.samples], template, c.sample_tokens,
                       os.path.join(c.workdir, "samples.md")) if tokenizer is not None else None
     if start == 0:
         loss0 = trainer.eval_loss(held_out) if held_out else None

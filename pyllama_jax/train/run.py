@@ -1,6 +1,7 @@
 """The fine-tuning job behind `scripts/finetune.py`: model, data, trainer, loop and export from one config."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -8,20 +9,38 @@ import ml_collections
 from jax.sharding import Mesh
 
 import pyllama_jax as pj
+from pyllama_jax.api import quantize
 from pyllama_jax.convert import hf, meta, native
 from pyllama_jax.data import alpaca
 from pyllama_jax.model.params import named_tensors
-from pyllama_jax.quant.recipe import quantize, recipe_from
+from pyllama_jax.quant.recipe import recipe_from
 from pyllama_jax.sharding import mesh as mesh_lib
 from pyllama_jax.model import place
 from pyllama_jax.train import lora, tiny
-from pyllama_jax.train.loop import LoopConfig, fit
+from pyllama_jax.sections import from_section
+from pyllama_jax.train.loop import LoopConfig, fit, resumable
 from pyllama_jax.train.trainer import OptimConfig, Trainer
 
 EXPORTERS = {"native": native.save, "hf": hf.save, "meta": meta.save}
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """What the job adds to the optimizer and the loop: LoRA adapters, and the export at the end."""
+
+    lora: bool = True  # train LoRA adapters only (on a quantized base when quant.wbits > 0); False = full
+    lora_rank: int = 8  # adapter rank r
+    lora_alpha: float = 16.0  # adapter scale is alpha / r
+    lora_dropout: float = 0.05  # dropout on the adapter's input
+    lora_targets: tuple[str, ...] = ("attn.q", "attn.k", "attn.v", "attn.o")  # linears that get adapters
+    export_format: str = resumable("")  # after training: "native", "hf" or "meta" (LoRA merged first); "" = none
+    export_path: str = resumable("")  # where to export (default <workdir>/export)
+
+
+TRAIN_SECTION = (OptimConfig, LoopConfig, FinetuneConfig)  # the dataclasses of the config's `train` section
 # Fields that may change between a run and its resumption (they do not change what is trained).
-RESUMABLE_FIELDS = ("workdir", "save_every", "keep", "eval_every", "sample_every", "samples", "sample_tokens",
-                    "export_format", "export_path")
+RESUMABLE_FIELDS = frozenset(f.name for cls in TRAIN_SECTION for f in dataclasses.fields(cls)
+                             if f.metadata.get("resumable"))
 
 
 def load_model(c: ml_collections.ConfigDict, mesh: Mesh | None) -> pj.Model:
@@ -54,17 +73,6 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-def optim_config(t: ml_collections.ConfigDict) -> OptimConfig:
-    return OptimConfig(steps=t.steps, lr=t.lr, warmup_steps=t.warmup_steps, end_lr_ratio=t.end_lr_ratio,
-                       weight_decay=t.weight_decay, clip_norm=t.clip_norm, grad_accum=t.grad_accum, seed=t.seed)
-
-
-def loop_config(t: ml_collections.ConfigDict, template: str) -> LoopConfig:
-    return LoopConfig(workdir=t.workdir, steps=t.steps, batch_size=t.batch_size, seed=t.seed,
-                      save_every=t.save_every, keep=t.keep, eval_every=t.eval_every, sample_every=t.sample_every,
-                      samples=t.samples, sample_tokens=t.sample_tokens, template=template)
-
-
 def export(model: pj.Model, fmt: str, out: str) -> str:
     """Merge LoRA adapters into the weights (in place) and save as a native, HF or Meta checkpoint."""
     if fmt not in EXPORTERS:
@@ -80,9 +88,10 @@ def finetune(c: ml_collections.ConfigDict) -> pj.Model:
         raise ValueError("data.path is empty: point it at an Alpaca JSON/JSONL file or a `datasets` name")
     mesh = mesh_lib.from_config(c.mesh)
     loaded = load_model(c, mesh)
-    model, t, d = loaded.module, c.train, c.data
-    if t.lora:
-        lora.apply_lora(model, t.lora_targets, t.lora_rank, t.lora_alpha, t.lora_dropout, t.seed)
+    model, d = loaded.module, c.data
+    t, job = from_section(LoopConfig, c.train), from_section(FinetuneConfig, c.train)
+    if job.lora:
+        lora.apply_lora(model, job.lora_targets, job.lora_rank, job.lora_alpha, job.lora_dropout, t.seed)
     if mesh is not None:
         model = place.shard(model, mesh)
     data = alpaca.prepare(d.path, loaded.tokenizer, seq_len=d.seq_len, template=d.template, pack=d.pack,
@@ -91,10 +100,10 @@ def finetune(c: ml_collections.ConfigDict) -> pj.Model:
     print(f"data: {len(data.train)} training rows of {d.seq_len} tokens from {s.examples} examples "
           f"({s.truncated} truncated, {s.dropped} dropped; {s.loss_tokens} response tokens carry the loss), "
           f"{data.held_out_stats.examples} held out ({data.held_out_stats.dropped} dropped)", flush=True)
-    trainer = Trainer(model, optim_config(t), lora=t.lora, mesh=mesh)
-    fit(trainer, data, loaded.tokenizer, loop_config(t, d.template), run_config(c))
+    trainer = Trainer(model, from_section(OptimConfig, c.train), lora=job.lora, mesh=mesh)
+    fit(trainer, data, loaded.tokenizer, t, run_config(c), d.template)
     trained = pj.Model(trainer.model(), loaded.tokenizer, loaded.source, mesh=mesh)
-    if t.export_format:
-        out = export(trained, t.export_format, t.export_path or os.path.join(t.workdir, "export"))
-        print(f"exported {t.export_format} checkpoint to {out}", flush=True)
+    if job.export_format:
+        out = export(trained, job.export_format, job.export_path or os.path.join(t.workdir, "export"))
+        print(f"exported {job.export_format} checkpoint to {out}", flush=True)
     return trained
