@@ -7,7 +7,7 @@ import pytest
 from pyllama_jax.model.packing import dequantize, unpack_codes, unpack_zeros
 from pyllama_jax.quant.rtn import QuantSpec, rtn_quantize
 from pyllama_jax.quant.signround import SignRoundConfig, learn_rounding, rounding_codes, signround_quantize
-from tests.test_awq import N_IN, OUTLIERS, TOKENS, np_grid, outlier_problem, output_error
+from tests.test_awq import N_IN, OUTLIERS, TOKENS, np_grid, outlier_problem, output_error, stats
 
 # SignRound / RTN output error, max over seeds 0-4 at 3/4-bit, g32/per-row (200 steps), as measured:
 BOUNDS = {("correlated", True): 0.80,  # measured 0.35-0.71
@@ -24,9 +24,9 @@ def correlated_problem(seed: int):
 
 
 def np_signround(x, w, bits, groupsize, sym, steps, lr, learn_clip):
-    """Signed gradient descent on `||x w - x wq||^2 / n` written out in float64: V, alpha, beta, loss."""
+    """Signed gradient descent on `||x w - x wq||^2` written out in float64: V, alpha, beta, loss."""
     x, w = x.astype(np.float64), w.astype(np.float64)
-    maxq, n = 2 ** bits - 1, x.shape[0]
+    maxq = 2 ** bits - 1
     gs = w.shape[0] if groupsize == -1 else groupsize
     wg = w.reshape(-1, gs, w.shape[1])  # [groups, gs, out]
     hi0, lo0 = np.maximum(wg.max(1), 0), np.minimum(wg.min(1), 0)
@@ -45,10 +45,10 @@ def np_signround(x, w, bits, groupsize, sym, steps, lr, learn_clip):
         qc = np.clip(q, 0, maxq)
         wq = (scale[:, None] * (qc - zero[:, None])).reshape(w.shape)
         e = x @ (w - wq)
-        loss = np.sum(e * e) / n
+        loss = np.sum(e * e)
         if loss < best[0]:
             best = (loss, v.copy(), alpha.copy(), beta.copy())
-        g = (-2 / n * x.T @ e).reshape(wg.shape)  # dL / dWq
+        g = (-2 * x.T @ e).reshape(wg.shape)  # dL / dWq
         g_scale = np.sum(g * ((qc - zero[:, None]) - inside * wg / scale[:, None]), axis=1)
         lr_t = lr * (1 - t / steps)
         v = np.clip(v - lr_t * np.sign(g * scale[:, None] * inside), -0.5, 0.5)
@@ -71,15 +71,18 @@ def codes_of(w, v, alpha, beta, bits, groupsize, sym):
 @pytest.mark.parametrize("bits,groupsize,sym,learn_clip", [
     (4, 32, False, True), (3, -1, False, True), (4, -1, True, True), (3, 32, False, False)])
 def test_learned_rounding_matches_numpy(bits, groupsize, sym, learn_clip):
+    """Same iterates up to float32: measured 0 differing V, alpha, beta or codes for asymmetric grids;
+    the symmetric one (ties at each column's extreme) 0.54% of V, 0.05% of codes, loss 2.5e-4 apart."""
     x, (w,) = outlier_problem(3, outs=(32,))
     spec, steps = QuantSpec(bits=bits, groupsize=groupsize, sym=sym), 100
-    got, got_loss = learn_rounding(jnp.asarray(x), jnp.asarray(w), spec, steps, 1.0 / steps, learn_clip)
+    got, got_loss = learn_rounding(jnp.asarray(stats(x)[0]), jnp.asarray(w), spec, steps, 1.0 / steps, learn_clip)
     v, alpha, beta, loss = np_signround(x, w, bits, groupsize, sym, steps, 1.0 / steps, learn_clip)
     off_v = np.mean(np.abs(np.asarray(got.v) - v) > 1e-5)
-    off_clip = np.mean(np.abs(np.asarray(got.alpha) - alpha) > 1e-5) + np.mean(np.abs(np.asarray(got.beta) - beta) > 1e-5)
+    off_clip = max(np.mean(np.abs(np.asarray(got.alpha) - alpha) > 1e-5),
+                   np.mean(np.abs(np.asarray(got.beta) - beta) > 1e-5))
     codes = np.asarray(rounding_codes(jnp.asarray(w), got, spec)[0])
     off_codes = np.mean(codes != codes_of(w, v, alpha, beta, bits, groupsize, sym))
-    assert off_v <= 0.01 and off_clip <= 0.05 and off_codes <= 0.002, (off_v, off_clip, off_codes)
+    assert off_v <= 0.01 and off_clip <= 0.02 and off_codes <= 0.002, (off_v, off_clip, off_codes)
     np.testing.assert_allclose(float(got_loss), loss, rtol=1e-3)
 
 
@@ -87,7 +90,7 @@ def test_learned_rounding_matches_numpy(bits, groupsize, sym, learn_clip):
 def test_iterate_zero_is_rtn(bits, groupsize, sym):
     x, (w,) = outlier_problem(4, outs=(32,))
     spec = QuantSpec(bits=bits, groupsize=groupsize, sym=sym)
-    got, want = signround_quantize(x, w, spec, SignRoundConfig(steps=1)), rtn_quantize(w, spec)
+    got, want = signround_quantize(stats(x)[0], w, spec, SignRoundConfig(steps=1)), rtn_quantize(w, spec)
     np.testing.assert_array_equal(np.asarray(unpack_codes(got)), np.asarray(unpack_codes(want)))
     np.testing.assert_array_equal(np.asarray(unpack_zeros(got)), np.asarray(unpack_zeros(want)))
     np.testing.assert_array_equal(np.asarray(got.scales), np.asarray(want.scales))
@@ -100,21 +103,21 @@ def test_error_below_rtn_with_outlier_channels(inputs, learn_clip):
         spec = QuantSpec(bits=bits, groupsize=groupsize)
         for seed in range(5):
             x, (w,) = correlated_problem(seed) if inputs == "correlated" else outlier_problem(seed, outs=(32,))
-            got = signround_quantize(x, w, spec, SignRoundConfig(learn_clip=learn_clip))
+            got = signround_quantize(stats(x)[0], w, spec, SignRoundConfig(learn_clip=learn_clip))
             ratios.append(output_error(x, w, dequantize(got)) / output_error(x, w, dequantize(rtn_quantize(w, spec))))
     assert max(ratios) <= BOUNDS[inputs, learn_clip], np.round(ratios, 3)
 
 
 @pytest.mark.parametrize("change,field", [
-    (dict(x=np.ones((16, 48), np.float32)), "width 48"),
+    (dict(h=np.eye(48, dtype=np.float32)), "kernel 0 has shape"),
     (dict(spec=QuantSpec(bits=4, groupsize=24)), "groupsize=24 does not divide"),
     (dict(spec=QuantSpec(bits=4, groupsize=32, mse=True)), "mse=True"),
 ])
 def test_bad_input_names_the_field(change, field):
     x, (w,) = outlier_problem(0, outs=(32,))
-    args = dict(x=x, spec=QuantSpec(bits=4, groupsize=32)) | change
+    args = dict(h=stats(x)[0], spec=QuantSpec(bits=4, groupsize=32)) | change
     with pytest.raises(ValueError, match=field):
-        signround_quantize(args["x"], w, args["spec"])
+        signround_quantize(args["h"], w, args["spec"])
 
 
 @pytest.mark.parametrize("config,field", [(dict(steps=0), "steps=0"), (dict(lr=-0.1), "lr=-0.1")])

@@ -1,7 +1,8 @@
 """AWQ (Lin et al., 2023): activation-aware per-input-channel scales searched before round-to-nearest.
 
 Linears that share one input `x[n, in]` (q/k/v after the attention norm, gate/up after the MLP
-norm, down after up) get one scale vector `s = mean|x|^alpha`, floored at 1e-4 and normalised by
+norm, down after up), seen through `mean|x|` per channel and the Gram matrix `h = x^T x`
+(groupwise.py), get one scale vector `s = mean|x|^alpha`, floored at 1e-4 and normalised by
 `sqrt(max(s) min(s))`, with alpha on the grid `0, 1/20, ..., 19/20` chosen to minimise the group's
 summed output error `sum_i ||x W_i - x Q(s W_i) / s||^2`, `Q` being RTN with the recipe's spec. The
 kernels' rows are multiplied by `s` (`scale_rows`) and `1/s` is folded into the operation producing
@@ -87,13 +88,12 @@ def alpha_scales(x_mean: jax.Array, alpha: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "n_grid"))
-def search_scales(x: jax.Array, kernels: tuple[jax.Array, ...], spec: QuantSpec, n_grid: int):
+def search_scales(h: jax.Array, x_mean: jax.Array, kernels: tuple[jax.Array, ...], spec: QuantSpec,
+                  n_grid: int):
     """(best alpha's index, its scales `[in]`, the error at every alpha `[n_grid]`)."""
-    x_mean = jnp.mean(jnp.abs(x), axis=0)
-
     def group_error(alpha):
         s = alpha_scales(x_mean, alpha)
-        return sum(error(x, w, group_fake_quantize(scale_rows(w, s), spec) / s[:, None]) for w in kernels)
+        return sum(error(h, w, group_fake_quantize(scale_rows(w, s), spec) / s[:, None]) for w in kernels)
 
     alphas = jnp.asarray(grid_fractions(n_grid, n_grid))
     errors = jax.lax.map(group_error, alphas)
@@ -102,13 +102,15 @@ def search_scales(x: jax.Array, kernels: tuple[jax.Array, ...], spec: QuantSpec,
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "grid", "steps"))
-def search_clip(x: jax.Array, w: jax.Array, spec: QuantSpec, grid: int, steps: int) -> jax.Array:
+def search_clip(h: jax.Array, w: jax.Array, spec: QuantSpec, grid: int, steps: int) -> jax.Array:
     """Per group and output column, the clipping bound `[groups, out]` minimising that group's error.
 
-    `x` and `w` are the scaled pair (`x / s`, `s W`); bound `i` is `max|w| (1 - i / grid)`, `i < steps`.
+    `h` and `w` are the scaled pair (the Gram matrix of `x / s`, `s W`); bound `i` is
+    `max|w| (1 - i / grid)`, `i < steps`; a group's error uses `h`'s diagonal block for its rows.
     """
     gs = group_size(w.shape[0], spec)
-    wg, xg = to_groups(w, gs), x.reshape(x.shape[0], -1, gs)  # [gs, G, out], [n, G, gs]
+    wg, n_groups = to_groups(w, gs), w.shape[0] // gs  # [gs, G, out]
+    blocks = h.reshape(n_groups, gs, n_groups, gs)[np.arange(n_groups), :, np.arange(n_groups)]  # [G, gs, gs]
     top = jnp.abs(wg).max(axis=0)
     keep = jnp.asarray(np.float32(1) - grid_fractions(grid, steps))
 
@@ -118,8 +120,8 @@ def search_clip(x: jax.Array, w: jax.Array, spec: QuantSpec, grid: int, steps: i
         clipped = jnp.clip(wg, -bound, bound)
         scale, zero = find_params(clipped, spec.maxq, spec.sym, spec.mse)
         q = fake_quantize(clipped, scale, zero, spec.maxq)
-        e = jnp.einsum("ngk,kgo->ngo", xg, q - wg, precision=jax.lax.Precision.HIGHEST)
-        err = jnp.sum(e * e, axis=0)
+        e = q - wg
+        err = jnp.sum(e * jnp.einsum("gkl,lgo->kgo", blocks, e, precision=jax.lax.Precision.HIGHEST), axis=0)
         better = err < best_err
         return jnp.where(better, err, best_err), jnp.where(better, bound, best_bound)
 
@@ -127,21 +129,26 @@ def search_clip(x: jax.Array, w: jax.Array, spec: QuantSpec, grid: int, steps: i
     return bound
 
 
-def awq_quantize(x: jax.Array, kernels: Sequence[jax.Array], spec: QuantSpec,
+def awq_quantize(h: jax.Array, x_mean: jax.Array, kernels: Sequence[jax.Array], spec: QuantSpec,
                  config: AWQConfig = AWQConfig(), name: str = "awq group") -> AWQResult:
     """Search the group's scales (and clipping), then RTN-quantize each `s W_i` into a `QuantWeight`.
 
-    `x[n, in]` is the group's float input; the caller folds `1 / result.scales` into the op producing it.
+    `h[in, in]` is the Gram matrix of the group's float inputs `x` and `x_mean[in]` their mean
+    absolute value per channel (any positive multiple of either gives the same result); the caller
+    folds `1 / result.scales` into the op producing `x`.
     """
-    x = jnp.asarray(x, jnp.float32)
+    h, x_mean = jnp.asarray(h, jnp.float32), jnp.asarray(x_mean, jnp.float32)
     kernels = tuple(jnp.asarray(w, jnp.float32) for w in kernels)
-    check_problem(x, kernels, spec, name)
-    best, s, errors = search_scales(x, kernels, spec, config.n_grid)
+    check_problem(h, kernels, spec, name)
+    if x_mean.shape != (h.shape[0],):
+        raise ValueError(f"{name}: x_mean has shape {tuple(x_mean.shape)}, expected ({h.shape[0]},), "
+                         "the mean |x| of each input channel")
+    best, s, errors = search_scales(h, x_mean, kernels, spec, config.n_grid)
     scaled = [scale_rows(w, s) for w in kernels]
     if config.clip:
-        gs, xs = group_size(x.shape[1], spec), x / s
+        gs, hs = group_size(h.shape[0], spec), h / (s[:, None] * s[None, :])
         steps = int(config.clip_max_shrink * config.clip_grid)
-        bounds = [search_clip(xs, w, spec, config.clip_grid, steps) for w in scaled]
+        bounds = [search_clip(hs, w, spec, config.clip_grid, steps) for w in scaled]
         scaled = [from_groups(jnp.clip(to_groups(w, gs), -b, b)) for w, b in zip(scaled, bounds)]
     weights = tuple(rtn_quantize(w, spec, f"{name}[{i}]") for i, w in enumerate(scaled))
     return AWQResult(weights, s, float(np.asarray(best)) / config.n_grid, errors)

@@ -1,5 +1,9 @@
-"""Group-wise views of `[in, out]` kernels and the input checks shared by the calibration-aware
-quantizers (AWQ, SignRound).
+"""Group-wise views of `[in, out]` kernels, the output error and the input checks shared by the
+calibration-aware quantizers (AWQ, SignRound).
+
+Both see a linear's calibration inputs `x[n, in]` only through the Gram matrix `h = x^T x` (any
+positive multiple serves, e.g. GPTQ's `HessianAccumulator.hessian()`): `||x e||^2 = tr(e^T h e)`,
+so a step costs `in^2 out` whatever the number of tokens.
 
 A group is `groupsize` consecutive input rows (all of them for `groupsize=-1`), as in `rtn.py`;
 these methods need the groups to tile the rows exactly, so `groupsize` must divide `in`.
@@ -12,20 +16,21 @@ import jax.numpy as jnp
 from pyllama_jax.quant.rtn import QuantSpec
 
 
-def check_problem(x, kernels, spec: QuantSpec, name: str) -> None:
-    """Raise one ValueError naming the field when `x[n, in]` cannot feed every kernel `[in, out]`."""
-    if x.ndim != 2 or x.shape[0] < 1:
-        raise ValueError(f"{name}: x has shape {tuple(x.shape)}, expected [tokens, in] with at least one token")
+def check_problem(h, kernels, spec: QuantSpec, name: str) -> None:
+    """Raise one ValueError naming the field when the Gram matrix `h[in, in]` cannot go with every
+    kernel `[in, out]`, or `spec` cannot split `in` into whole groups."""
+    if h.ndim != 2 or h.shape[0] != h.shape[1]:
+        raise ValueError(f"{name}: h has shape {tuple(h.shape)}, expected a square [in, in] Gram matrix of the inputs")
     if not kernels:
         raise ValueError(f"{name}: kernels is empty, expected at least one [in, out] kernel")
     for i, w in enumerate(kernels):
-        if w.ndim != 2 or w.shape[0] != x.shape[1]:
-            raise ValueError(f"{name}: x has width {x.shape[1]} but kernel {i} has shape {tuple(w.shape)}, "
-                             f"expected [{x.shape[1]}, out]")
-    spec.check_shape(x.shape[1], name)
-    if spec.groupsize != -1 and x.shape[1] % spec.groupsize:
-        raise ValueError(f"{name}: groupsize={spec.groupsize} does not divide its {x.shape[1]} input "
-                         f"features; expected -1 or a divisor of {x.shape[1]}")
+        if w.ndim != 2 or w.shape[0] != h.shape[0]:
+            raise ValueError(f"{name}: h is {h.shape[0]} x {h.shape[0]} but kernel {i} has shape "
+                             f"{tuple(w.shape)}, expected [{h.shape[0]}, out]")
+    spec.check_shape(h.shape[0], name)
+    if spec.groupsize != -1 and h.shape[0] % spec.groupsize:
+        raise ValueError(f"{name}: groupsize={spec.groupsize} does not divide its {h.shape[0]} input "
+                         f"features; expected -1 or a divisor of {h.shape[0]}")
 
 
 def group_size(in_features: int, spec: QuantSpec) -> int:
@@ -47,7 +52,7 @@ def from_groups(w: jax.Array) -> jax.Array:
     return w.transpose(1, 0, 2).reshape(-1, w.shape[-1])
 
 
-def error(x: jax.Array, w: jax.Array, w_hat: jax.Array) -> jax.Array:
-    """Output error `||x w - x w_hat||^2`, summed."""
-    e = jnp.dot(x, w - w_hat, precision=jax.lax.Precision.HIGHEST)
-    return jnp.sum(e * e)
+def error(h: jax.Array, w: jax.Array, w_hat: jax.Array) -> jax.Array:
+    """Output error `tr(e^T h e)`, `e = w - w_hat`: `||x w - x w_hat||^2` for `h = x^T x`."""
+    e = w - w_hat
+    return jnp.sum(e * jnp.dot(h, e, precision=jax.lax.Precision.HIGHEST))

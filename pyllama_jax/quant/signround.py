@@ -3,12 +3,14 @@
 Per linear `y = x @ W`, `W[in, out]`, a rounding offset `V` in `[-0.5, 0.5]` (the shape of `W`) and
 optionally per group and output column the clipping factors `alpha` (of the max) and `beta` (of the
 min) in `[0.5, 1]` are learned: the grid is `find_params` (rtn.py) of the range
-`[beta min(W, 0), alpha max(W, 0)]`, `Wq = scale (clip(round(W / scale + V) + zero, 0, maxq) - zero)`,
-and the loss `||x W - x Wq||^2 / n` is minimised by `p <- clip(p - lr_t sign(dL/dp))` for `steps`
-steps, `lr_t = lr (1 - t / steps)` (AutoRound's linear decay), rounding and clipping passed straight
-through (the clip's gradient is 1 inside `[0, maxq]`, bounds included, 0 outside) and the zero
-point's rounding given no gradient. The iterate of lowest loss wins; iterate 0 (`V = 0`,
-`alpha = beta = 1`) is RTN, so the result never does worse than RTN on `x`.
+`[beta min(W, 0), alpha max(W, 0)]`, `Wq = scale (clip(round(W / scale + V) + zero, 0, maxq) - zero)`.
+The loss `||x W - x Wq||^2`, computed as `tr(E^T h E)` from the Gram matrix `h = x^T x`
+(groupwise.py; any positive multiple gives the same iterates), is minimised by
+`p <- clip(p - lr_t sign(dL/dp))` for `steps` steps, `lr_t = lr (1 - t / steps)` (AutoRound's linear
+decay), rounding and clipping passed straight through (the clip's gradient is 1 inside `[0, maxq]`,
+bounds included, 0 outside) and the zero point's rounding given no gradient. The iterate of lowest
+loss wins; iterate 0 (`V = 0`, `alpha = beta = 1`) is RTN, so the result never does worse than RTN
+on `x`.
 """
 from __future__ import annotations
 
@@ -79,12 +81,12 @@ def dequantize_rounding(w: jax.Array, r: Rounding, spec: QuantSpec) -> jax.Array
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "steps", "learn_clip"))
-def learn_rounding(x: jax.Array, w: jax.Array, spec: QuantSpec, steps: int, lr: float,
+def learn_rounding(h: jax.Array, w: jax.Array, spec: QuantSpec, steps: int, lr: float,
                    learn_clip: bool) -> tuple[Rounding, jax.Array]:
     """The rounding of lowest loss among iterates `0 .. steps - 1`, and that loss."""
     groups = w.shape[0] // group_size(w.shape[0], spec)
     ones = jnp.ones((groups, w.shape[1]), jnp.float32)
-    loss_and_grad = jax.value_and_grad(lambda r: error(x, w, dequantize_rounding(w, r, spec)) / x.shape[0])
+    loss_and_grad = jax.value_and_grad(lambda r: error(h, w, dequantize_rounding(w, r, spec)))
 
     def step(t, carry):
         r, best, best_loss = carry
@@ -112,15 +114,16 @@ def rounding_codes(w: jax.Array, r: Rounding, spec: QuantSpec) -> tuple[jax.Arra
     return codes.astype(jnp.int32), scale, zero.astype(jnp.int32)
 
 
-def signround_quantize(x: jax.Array, w: jax.Array, spec: QuantSpec, config: SignRoundConfig = SignRoundConfig(),
+def signround_quantize(h: jax.Array, w: jax.Array, spec: QuantSpec, config: SignRoundConfig = SignRoundConfig(),
                        name: str = "weight") -> QuantWeight:
-    """Quantize `w[in, out]` with rounding learned on its input `x[n, in]`, packed as `rtn_quantize` packs."""
-    x, w = jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32)
-    check_problem(x, (w,), spec, name)
+    """Quantize `w[in, out]` with rounding learned on the Gram matrix `h[in, in]` of its inputs,
+    packed as `rtn_quantize` packs."""
+    h, w = jnp.asarray(h, jnp.float32), jnp.asarray(w, jnp.float32)
+    check_problem(h, (w,), spec, name)
     if spec.mse:
         raise ValueError(f"{name}: mse=True is not supported by SignRound, which learns its own clipping; "
                          "expected mse=False")
-    r, _ = learn_rounding(x, w, spec, config.steps, config.step_size, config.learn_clip)
+    r, _ = learn_rounding(h, w, spec, config.steps, config.step_size, config.learn_clip)
     codes, scales, zeros = rounding_codes(w, r, spec)
     return pack(np.asarray(codes), np.asarray(scales), np.asarray(zeros),
                 group_index(w.shape[0], spec.groupsize), spec.bits, spec.groupsize)
