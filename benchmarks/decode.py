@@ -65,7 +65,7 @@ def run_hf(args: argparse.Namespace) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pyllama_jax.api import embedded_path
+    from pyllama_jax.convert.names import embedded_path
 
     folder, name = os.path.split(embedded_path("smollm2-135m"))
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()

@@ -56,7 +56,7 @@ def make_7b(folder: str, variant: str, layers: int, args) -> None:
 
     from pyllama_jax.convert import native
     from pyllama_jax.model.params import named_tensors
-    from pyllama_jax.quant.checkpoint import save_quantized
+    from pyllama_jax.convert.save import save_quantized
 
     ns = argparse.Namespace(preset="llama-7b", context=args.context, groupsize=128, kernel="xla", layers=layers)
     model = build(variant, ns)
@@ -69,7 +69,7 @@ def make_7b(folder: str, variant: str, layers: int, args) -> None:
 
 def make_smollm2(folder: str, bits: int) -> None:
     import pyllama_jax as pj
-    from pyllama_jax.quant.checkpoint import save_quantized
+    from pyllama_jax.convert.save import save_quantized
 
     model = pj.quantize(pj.load("smollm2-135m"), nearest=True, wbits=bits, groupsize=128)
     save_quantized(model.module, folder, {"recipe": {"wbits": bits, "groupsize": 128, "nearest": True},
@@ -175,7 +175,7 @@ def main() -> None:
         if name != "f32" and not os.path.isdir(folder):
             run_child(["--make", "smollm2", name, "0", folder, *common])
         r = run_child(["--measure", folder, "auto", *common])
-        from pyllama_jax.api import embedded_path
+        from pyllama_jax.convert.names import embedded_path
 
         size = os.path.getsize(embedded_path(folder)) if name == "f32" else folder_bytes(folder)
         label = "SmolLM2-135M f32 (Q4_1 GGUF, dequantized)" if name == "f32" else f"SmolLM2-135M RTN {name} g128"

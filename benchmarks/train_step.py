@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 import pyllama_jax as pj
-from pyllama_jax.api import embedded_path
+from pyllama_jax.convert.names import embedded_path
 from pyllama_jax.train import lora
 from pyllama_jax.train.trainer import OptimConfig, Trainer
 

@@ -80,7 +80,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     import pyllama_jax as pj
-    from pyllama_jax.quant.checkpoint import load_quant_weights
+    from pyllama_jax.convert.save import load_quant_weights
     from pyllama_jax.model.packing import dequantize
 
     folder = os.path.join(REPO, "artifacts", "ablation", args.cell)

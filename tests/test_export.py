@@ -15,7 +15,7 @@ from safetensors.numpy import load_file, save_file
 import pyllama_jax as pj
 from pyllama_jax.api import Model
 from pyllama_jax.quant.calibrate import quantize_rtn
-from pyllama_jax.quant.checkpoint import export_autogptq
+from pyllama_jax.convert.save import export_autogptq
 from pyllama_jax.model.packing import dequantize, pack, unpack_codes, unpack_zeros
 from pyllama_jax.model.qlinear import LAYER_LINEARS, get_module, quantized_linears
 from pyllama_jax.quant.rtn import QuantSpec, rtn_quantize

@@ -119,7 +119,7 @@ def wide_checkpoints(tmp_path_factory):
     """A 4-bit g128 and a dense bfloat16 native checkpoint of the same 6 wide layers."""
     from pyllama_jax.convert import native
     from pyllama_jax.model.params import expected_shapes
-    from pyllama_jax.quant.checkpoint import save_quantized
+    from pyllama_jax.convert.save import save_quantized
 
     root = tmp_path_factory.mktemp("wide")
     model, _ = _random_quantized(6)

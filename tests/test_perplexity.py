@@ -78,7 +78,7 @@ def test_fp32_and_rtn_perplexity_match_hf_transformers(smollm2):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pyllama_jax.api import embedded_path
+    from pyllama_jax.convert.names import embedded_path
 
     path = embedded_path("smollm2-135m")
     windows = eval_windows(corpus_ids(smollm2.tokenizer, WIKI), 256, 2)

@@ -12,7 +12,7 @@ from pyllama_jax.model.llama import init_model
 from pyllama_jax.model import packing
 from pyllama_jax.quant.calibrate import quantize_rtn
 import pyllama_jax as pj
-from pyllama_jax.quant.checkpoint import export_autogptq, save_quantized
+from pyllama_jax.convert.save import export_autogptq, save_quantized
 from pyllama_jax.model.qlinear import LAYER_LINEARS, get_module, quantized_linears
 from pyllama_jax.quant.rtn import QuantSpec
 from tests.test_packing import _gptq_for_llama_pack

@@ -16,7 +16,8 @@ def test_job_quantizes_saves_reloads_and_evaluates(tmp_path, data_dir):
     from pyllama_jax.config import base_config
     from pyllama_jax.data.text import calibration_windows, load_text
     from pyllama_jax.quant.calibrate import quantize_gptq
-    from pyllama_jax.quant.recipe import load_or_quantize, quant_config, recipe_from
+    from pyllama_jax.jobs.quantize import load_or_quantize, quant_config
+    from pyllama_jax.quant.recipe import recipe_from
 
     wiki = os.path.join(data_dir, "wikitext-2-raw", "wiki.test.raw")
     folder = tmp_path / "q3"
@@ -56,7 +57,7 @@ def test_saved_checkpoint_is_reused_only_for_its_own_recipe(tmp_path):
     from pyllama_jax.config import base_config
     from pyllama_jax.convert import native
     from pyllama_jax.model.params import named_tensors
-    from pyllama_jax.quant.recipe import load_or_quantize, quant_config
+    from pyllama_jax.jobs.quantize import load_or_quantize, quant_config
     from pyllama_jax.train.tiny import random_model
 
     source = random_model("random:tiny", 0)

@@ -286,7 +286,7 @@ def case_quantized() -> None:
     import tempfile
 
     import pyllama_jax as pj
-    from pyllama_jax.quant.checkpoint import save_quantized
+    from pyllama_jax.convert.save import save_quantized
 
     model = quantize_rtn(init_model(c, seed=2), QuantSpec(bits=bits, groupsize=gs))
     folder = os.path.join(tempfile.mkdtemp(), "q4")

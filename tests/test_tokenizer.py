@@ -9,7 +9,7 @@ import re
 import pytest
 
 from pyllama_jax import tokenizer as tok
-from pyllama_jax.api import embedded_path
+from pyllama_jax.convert.names import embedded_path
 
 SAMPLES = ["Hello world", "  leading spaces and 12345 digits, 3.14159", "naïve café — 東京 🙂",
            "<|im_start|>user\nHi<|im_end|>\n", "line one\r\nline two\n\n\tTabbed"]

@@ -6,7 +6,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from pyllama_jax.convert import NameMap
+from pyllama_jax.convert.checkpoint import NameMap
 from pyllama_jax.model.config import ModelConfig, RopeScaling
 from pyllama_jax.model.llama import rope_frequencies
 from pyllama_jax.model.params import permute_rope

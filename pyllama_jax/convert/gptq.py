@@ -14,7 +14,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from pyllama_jax.convert import Checkpoint, hf
+from pyllama_jax.convert import hf
+from pyllama_jax.convert.checkpoint import Checkpoint
 from pyllama_jax.convert.tensorfile import SAFETENSORS_DTYPES, read_json, read_safetensors, safetensors_header
 from pyllama_jax.model.config import ModelConfig
 from pyllama_jax.model.params import LAYER_LINEARS

@@ -11,7 +11,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from pyllama_jax import tokenizer as tok
-from pyllama_jax.convert import Checkpoint, NameMap
+from pyllama_jax.convert.checkpoint import Checkpoint, NameMap
 from pyllama_jax.convert.tensorfile import (NUMPY_DTYPES, SAFETENSORS_DTYPES, SafetensorsWriter, atomic_folder, load_torch, read_json,
                                             read_safetensors, safetensors_header, torch_to_numpy, write_json)
 from pyllama_jax.model.config import ModelConfig, RopeScaling

@@ -20,7 +20,8 @@ import numpy as np
 
 from pyllama_jax import tokenizer as tok
 from pyllama_jax.chat_templates import builtin_template
-from pyllama_jax.convert import Checkpoint, NameMap, hf
+from pyllama_jax.convert import hf
+from pyllama_jax.convert.checkpoint import Checkpoint, NameMap
 from pyllama_jax.convert.tensorfile import (NUMPY_DTYPES, atomic_folder, load_torch, numpy_to_torch, read_json,
                                             torch_files, torch_to_numpy, write_json)
 from pyllama_jax.model.config import ModelConfig, RopeScaling, _meta_hidden_dim

@@ -15,7 +15,8 @@ from typing import Any, Iterable
 import numpy as np
 
 from pyllama_jax import tokenizer as tok
-from pyllama_jax.convert import Checkpoint, hf
+from pyllama_jax.convert import hf
+from pyllama_jax.convert.checkpoint import Checkpoint
 from pyllama_jax.convert.tensorfile import (NUMPY_DTYPES, SafetensorsWriter, Spec, atomic_folder, read_json,
                                             read_safetensors, safetensors_header, write_json)
 from pyllama_jax.model.config import ModelConfig

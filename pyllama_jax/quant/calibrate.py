@@ -120,7 +120,7 @@ def _settings(spec: QuantSpec, gptq: GPTQConfig, calib: np.ndarray) -> dict:
 
 def _resume_point(model: Llama, settings: dict, folder: str) -> tuple[int, np.ndarray | None]:
     """Load the blocks finished in `folder` into `model`; return (next block, its inputs)."""
-    from pyllama_jax.quant.checkpoint import load_quant_weights
+    from pyllama_jax.convert.save import load_quant_weights
 
     os.makedirs(folder, exist_ok=True)
     meta = os.path.join(folder, "settings.json")
@@ -155,7 +155,7 @@ def _write_json(path: str, obj: dict) -> None:
 
 def _save_block(folder: str, i: int, layer: Block, x_next: np.ndarray) -> None:
     """Save block `i` and the next block's inputs, then drop block `i`'s inputs (no longer needed)."""
-    from pyllama_jax.quant.checkpoint import save_quant_weights
+    from pyllama_jax.convert.save import save_quant_weights
 
     tmp = os.path.join(folder, f"inputs{i + 1:03d}.tmp.npy")
     np.save(tmp, x_next)
