@@ -21,6 +21,7 @@ from pyllama_jax.model.params import build_model
 
 TOL = 1e-5  # max abs difference, float32
 BATCH, LENGTH = 2, 7
+Pair = tuple[llama.Block, hf_llama.LlamaDecoderLayer, LlamaForCausalLM]
 REAL = np.array([[1] * LENGTH, [1] * (LENGTH - 2) + [0] * 2], np.int32)  # row 1: two padding tokens at the end
 
 
@@ -34,7 +35,7 @@ def small_config(**rope: float | str) -> LlamaConfig:
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[llama.Block, hf_llama.LlamaDecoderLayer, LlamaForCausalLM]:
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Pair:
     """(our block 0, transformers' layer 0, transformers' model) of one random model."""
     torch.manual_seed(0)
     theirs = LlamaForCausalLM(small_config()).to(torch.float32).eval()
@@ -74,7 +75,7 @@ def within(ours: jax.Array, theirs: torch.Tensor) -> None:
     assert diff <= TOL, f"max abs difference {diff:.3g} > {TOL:.3g}"
 
 
-def test_rmsnorm(pair) -> None:
+def test_rmsnorm(pair: Pair) -> None:
     block, layer, _ = pair
     assert isinstance(layer.input_layernorm, hf_llama.LlamaRMSNorm)
     x = hidden(1) * 3
@@ -106,7 +107,7 @@ def test_rotary_embedding(rope: dict[str, float | str]) -> None:
                     k_rot.transpose(1, 2))
 
 
-def test_attention_gqa_with_padding(pair) -> None:
+def test_attention_gqa_with_padding(pair: Pair) -> None:
     block, layer, model = pair
     assert isinstance(layer.self_attn, hf_llama.LlamaAttention) and block.attn.kv_heads < block.attn.n_heads
     x, pos = hidden(3), positions(REAL)
@@ -118,7 +119,7 @@ def test_attention_gqa_with_padding(pair) -> None:
     within(out, expected)
 
 
-def test_mlp(pair) -> None:
+def test_mlp(pair: Pair) -> None:
     block, layer, _ = pair
     assert isinstance(layer.mlp, hf_llama.LlamaMLP)
     x = hidden(4)
@@ -127,7 +128,7 @@ def test_mlp(pair) -> None:
     within(block.mlp(jnp.asarray(x)), expected)
 
 
-def test_decoder_block(pair) -> None:
+def test_decoder_block(pair: Pair) -> None:
     block, layer, model = pair
     assert isinstance(layer, hf_llama.LlamaDecoderLayer)
     x, pos = hidden(5), positions(REAL)
@@ -152,6 +153,7 @@ def test_smollm2_block0(smollm2, hf_smollm2, smollm2_batch) -> None:
     finally:
         hf_smollm2.config._attn_implementation = implementation
     jpos = jnp.asarray(pos)
-    out, _ = smollm2.module.layers[0](jnp.asarray(x.numpy()), jpos, llama.causal_mask(jpos, None, jnp.asarray(real > 0)))
+    mask = llama.causal_mask(jpos, None, jnp.asarray(real > 0))
+    out, _ = smollm2.module.layers[0](jnp.asarray(x.numpy()), jpos, mask)
     # Block 0's MLP writes outliers near 30, where a float32 ulp is 2e-6: TOL relative there, absolute elsewhere.
     np.testing.assert_allclose(np.asarray(out), expected.numpy(), rtol=TOL, atol=TOL)
