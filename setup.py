@@ -6,8 +6,13 @@ setup(
     version="0.1.0",
     description="LLaMA in JAX/Flax: load Meta/HF/GGUF checkpoints, GPTQ 2/3/4/8-bit, sharding, serving, fine-tuning",
     packages=find_packages(include=["pyllama_jax", "pyllama_jax.*"]),
-    package_data={"pyllama_jax.serve": ["static/*"],  # the web chat page
+    package_data={"pyllama_jax": ["configs/*.py"],  # the job configs (`configs/` in the checkout links here)
+                  "pyllama_jax.serve": ["static/*"],  # the web chat page
                   "pyllama_jax.kernels": ["*.cc"]},  # CPU kernels, compiled on first use
+    entry_points={"console_scripts": [f"pyllama-{name} = pyllama_jax.{module}:main" for name, module in (
+        ("run", "cli.run"), ("quantize", "cli.quantize"), ("eval-ppl", "cli.eval_ppl"), ("convert", "cli.convert"),
+        ("serve", "cli.serve"), ("chat", "cli.chat"), ("finetune", "cli.finetune"),
+        ("profile", "cli.profile_inference"), ("download", "download"))]},
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10",

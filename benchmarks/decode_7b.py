@@ -31,8 +31,7 @@ from pyllama_jax.model.kv_cache import KVCache
 from pyllama_jax.model.llama import Llama, abstract_model, init_model
 from pyllama_jax.model.qlinear import LAYER_LINEARS, QuantLinear, get_module, set_linear
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from qmatmul import nbytes, random_quant_weight  # noqa: E402
+from qmatmul import nbytes, random_quant_weight
 
 BITS = {"4bit": 4, "3bit": 3}
 

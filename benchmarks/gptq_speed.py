@@ -11,23 +11,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import torch
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import torch  # noqa: E402
-
-from pyllama_jax.data.text import calibration_windows, data_dir, load_text  # noqa: E402
-from pyllama_jax.quant.calibrate import linear_inputs  # noqa: E402
-from pyllama_jax.quant.gptq import GPTQConfig, HessianAccumulator, gptq_quantize  # noqa: E402
-from pyllama_jax.model.packing import dequantize  # noqa: E402
-from pyllama_jax.model.qlinear import get_module  # noqa: E402
-from pyllama_jax.quant.rtn import QuantSpec  # noqa: E402
+from pyllama_jax.data.text import calibration_windows, data_dir, load_text
+from pyllama_jax.quant.calibrate import linear_inputs
+from pyllama_jax.quant.gptq import GPTQConfig, HessianAccumulator, gptq_quantize
+from pyllama_jax.model.packing import dequantize
+from pyllama_jax.model.qlinear import get_module
+from pyllama_jax.quant.rtn import QuantSpec
 
 
 def torch_gptq(W: torch.Tensor, H: torch.Tensor, bits: int, groupsize: int, blocksize: int = 128,

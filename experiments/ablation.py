@@ -17,18 +17,16 @@ import dataclasses
 import hashlib
 import json
 import os
-import sys
 import time
 
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
-from pyllama_jax.data.text import calibration_windows, data_dir, eval_windows  # noqa: E402
-from pyllama_jax.eval.perplexity import corpus_ids, window_nlls  # noqa: E402
-from pyllama_jax.quant.calibrate import CalibrationConfig, quantize_gptq, quantize_rtn  # noqa: E402
-from pyllama_jax.quant.recipe import QuantRecipe  # noqa: E402
+from pyllama_jax.data.text import calibration_windows, data_dir, eval_windows
+from pyllama_jax.eval.perplexity import corpus_ids, window_nlls
+from pyllama_jax.quant.calibrate import CalibrationConfig, quantize_gptq, quantize_rtn
+from pyllama_jax.quant.recipe import QuantRecipe
 
 RESULTS = os.path.join(REPO, "experiments", "results")
 SPREAD = os.path.join(RESULTS, "spread")  # gptq_spread.py's reruns: <cell key>-<variant>.json

@@ -11,23 +11,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+import jax.numpy as jnp
 
-import jax.numpy as jnp  # noqa: E402
-
-from pyllama_jax.data.text import calibration_windows, data_dir, eval_windows  # noqa: E402
-from pyllama_jax.eval.perplexity import corpus_ids  # noqa: E402
-from pyllama_jax.quant.calibrate import linear_inputs  # noqa: E402
-from pyllama_jax.quant.gptq import GPTQConfig, HessianAccumulator, gptq_quantize  # noqa: E402
-from pyllama_jax.model.packing import dequantize  # noqa: E402
-from pyllama_jax.model.qlinear import LAYER_LINEARS, get_module  # noqa: E402
-from pyllama_jax.quant.rtn import QuantSpec, rtn_quantize  # noqa: E402
+from pyllama_jax.data.text import calibration_windows, data_dir, eval_windows
+from pyllama_jax.eval.perplexity import corpus_ids
+from pyllama_jax.quant.calibrate import linear_inputs
+from pyllama_jax.quant.gptq import GPTQConfig, HessianAccumulator, gptq_quantize
+from pyllama_jax.model.packing import dequantize
+from pyllama_jax.model.qlinear import LAYER_LINEARS, get_module
+from pyllama_jax.quant.rtn import QuantSpec, rtn_quantize
 
 WIKI = os.path.join(data_dir(), "wikitext-2-raw", "wiki.test.raw")
 CALIBRATION = {"wiki-tail": WIKI + "@640000:", "gutenberg": os.path.join(data_dir(), "gutenberg", "pride_and_prejudice.txt")}

@@ -1,29 +1,36 @@
-"""The command-line scripts, run on the embedded SmolLM2 as a user would."""
+"""The command-line programs, run on the embedded SmolLM2 as a user would: the console entry points
+of setup.py and the `scripts/*.py` that call them from a checkout."""
 from __future__ import annotations
 
-import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 
+from pyllama_jax.cli import convert
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _script(name: str):
-    """scripts/<name>.py imported as a module."""
-    spec = importlib.util.spec_from_file_location(f"{name}_script", os.path.join(ROOT, "scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_convert_refuses_meta_shards_that_split_heads(tmp_path):
     """SmolLM2 has 9 heads and 3 kv heads: Meta's model-parallel code can load 1 or 3 shards, not 2."""
     with pytest.raises(SystemExit, match=r"n_heads=9 is not a multiple of 2.*valid shard counts: 1, 3$"):
-        _script("convert").main(["--src", "smollm2-135m", "--to", "meta", "--out", str(tmp_path / "m"),
-                                 "--shards", "2"])
+        convert.main(["--src", "smollm2-135m", "--to", "meta", "--out", str(tmp_path / "m"), "--shards", "2"])
+
+
+def test_entry_point_runs_a_packaged_config_by_name(tmp_path):
+    """`pyllama-run` from a folder with no configs/: `--config=<name>` is the packaged config, and a
+    misspelt field of it stops with the field named and the right one suggested."""
+    command = [shutil.which("pyllama-run"), "--config=smollm2_135m.py", "--config.prompts=('Hi',)"]
+    done = subprocess.run([*command, "--config.sampling.max_new_tokens=2"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert ">>> Hi\n" in done.stdout and "generated 2 tok" in done.stdout
+    done = subprocess.run([*command, "--config.sampling.max_new_token=2"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode != 0 and 'Did you mean "max_new_tokens"' in done.stderr
     assert not (tmp_path / "m").exists()
 
 

@@ -1,24 +1,16 @@
-"""scripts/profile_inference.py's measurement, table and plot, on a tiny random model."""
+"""`pyllama-profile`'s measurement, table and plot, on a tiny random model."""
 from __future__ import annotations
-
-import importlib.util
-import os
-import sys
 
 import numpy as np
 
+from pyllama_jax.cli import profile_inference as profile
 from pyllama_jax.generate import Generator, SamplingConfig
 from pyllama_jax.model.config import preset
 from pyllama_jax.model.llama import init_model
-from pyllama_jax.serve.process import REPO
 from tests.test_serve_engine import byte_tokenizer
 
 
 def test_profile_run_table_and_plot(tmp_path):
-    path = os.path.join(REPO, "scripts", "profile_inference.py")
-    spec = importlib.util.spec_from_file_location("profile_script", path)
-    profile = sys.modules["profile_script"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(profile)
     tokenizer = byte_tokenizer()
     generator = Generator(init_model(preset("tiny"), seed=2), tokenizer)
     sampling = SamplingConfig(max_new_tokens=24)

@@ -1,4 +1,4 @@
-"""`scripts/serve.py` in a child process on a free loopback port (tests, benchmarks; source checkout)."""
+"""`pyllama-serve` in a child process on a free loopback port (tests, benchmarks)."""
 from __future__ import annotations
 
 import os
@@ -10,18 +10,18 @@ import sys
 import threading
 from typing import Sequence
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # of a source checkout
 _READY = re.compile(r"^serving (\S+) at (http://\S+) ")
 
 
 class ServerProcess:
     """Starts the server and waits until it listens; `stop()` (or leaving `with`) ends it."""
 
-    def __init__(self, overrides: Sequence[str] = (), config: str = "configs/smollm2_135m.py",
+    def __init__(self, overrides: Sequence[str] = (), config: str = "smollm2_135m.py",
                  timeout: float = 600, env: dict[str, str] | None = None):
-        """`overrides`: `--config.a.b=v` flags; `env`: extra environment variables for the server."""
-        script = os.path.join(REPO, "scripts", "serve.py")
-        cmd = [sys.executable, script, f"--config={os.path.join(REPO, config)}", "--config.serve.host=127.0.0.1",
+        """`config`: a config file or a packaged config's name; `overrides`: `--config.a.b=v` flags;
+        `env`: extra environment variables for the server."""
+        cmd = [sys.executable, "-m", "pyllama_jax.cli.serve", f"--config={config}", "--config.serve.host=127.0.0.1",
                "--config.serve.port=0", *overrides]
         self.log: list[str] = []
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

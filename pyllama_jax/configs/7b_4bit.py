@@ -7,7 +7,7 @@ C4 and WikiText-2 are fetched with `datasets` (pip install datasets); offline, p
 --config.quant.calibration / --config.quant.eval at local text files.
 """
 from pyllama_jax.config import meta_llama_config
-from pyllama_jax.quant.recipe import quant_config
+from pyllama_jax.jobs.quantize import quant_config
 
 
 def get_config():
