@@ -26,7 +26,6 @@ import time
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 VARIANTS = {"bf16": ("bf16", "auto"), "4bit": ("4bit", "auto"), "3bit": ("3bit", "auto"), "3bit+int8kv": ("3bit", "int8")}
 SMOLLM2 = {"f32": 0, "8bit": 8, "4bit": 4}
 MiB = 2 ** 20
@@ -51,7 +50,6 @@ def _device_peak() -> int | None:
 
 def make_7b(folder: str, variant: str, layers: int, args) -> None:
     """Save the random 7B-shaped model of `decode_7b.build` as a native checkpoint."""
-    sys.path.insert(0, HERE)
     from decode_7b import build
 
     from pyllama_jax.convert import native

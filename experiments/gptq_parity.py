@@ -15,24 +15,31 @@ difference; with `--eval` the PyTorch-quantized model's perplexity is measured a
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
 import torch
 
+from pyllama_jax.data.text import calibration_windows, data_dir, eval_windows
+from pyllama_jax.eval.perplexity import corpus_ids
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
-from decode import hf_model  # noqa: E402
-from gptq_speed import torch_gptq  # noqa: E402
 
-from pyllama_jax.data.text import calibration_windows, data_dir, eval_windows  # noqa: E402
-from pyllama_jax.eval.perplexity import corpus_ids  # noqa: E402
+def _benchmark(name: str):
+    """benchmarks/<name>.py as a module (a sibling folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+hf_model = _benchmark("decode").hf_model
+torch_gptq = _benchmark("gptq_speed").torch_gptq
 
 SEQUENTIAL = [("self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"), ("self_attn.o_proj",),
               ("mlp.up_proj", "mlp.gate_proj"), ("mlp.down_proj",)]

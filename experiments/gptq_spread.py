@@ -18,16 +18,13 @@ import argparse
 import json
 import os
 import re
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from ablation import (CALIBRATION, REFERENCE, RESULTS, SPREAD, Cell, _write, cell_calibration, cells_for,  # noqa: E402
+from ablation import (CALIBRATION, REFERENCE, RESULTS, SPREAD, Cell, _write, cell_calibration, cells_for,
                       reruns, run_cell)
 
-from pyllama_jax.data.text import calibration_windows, data_dir, load_text  # noqa: E402
+from pyllama_jax.data.text import calibration_windows, data_dir, load_text
 
 VARIANTS = ("order1", "order2", "batch4", "hf-ids")  # the default set; any order<seed> or batch<n> works
 
