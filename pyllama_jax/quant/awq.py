@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pyllama_jax.model.packing import QuantWeight
-from pyllama_jax.quant.groupwise import check_problem, error, from_groups, group_size, to_groups
+from pyllama_jax.quant.groupwise import check_problem, error, from_groups, group_size, n_groups, to_groups
 from pyllama_jax.quant.rtn import QuantSpec, fake_quantize, find_params, rtn_quantize
 
 SCALE_FLOOR = 1e-4  # AWQ's lower clamp on mean|x|^alpha
@@ -73,7 +73,7 @@ def group_fake_quantize(w: jax.Array, spec: QuantSpec) -> jax.Array:
     """`w[in, out]` rounded to its RTN grid, as floats (the values `rtn_quantize` stores)."""
     wg = to_groups(w, group_size(w.shape[0], spec))
     scale, zero = find_params(wg, spec.maxq, spec.sym, spec.mse)
-    return from_groups(fake_quantize(wg, scale, zero, spec.maxq))
+    return from_groups(fake_quantize(wg, scale, zero, spec.maxq), w.shape[0])
 
 
 def grid_fractions(grid: int, steps: int) -> np.ndarray:
@@ -106,11 +106,13 @@ def search_clip(h: jax.Array, w: jax.Array, spec: QuantSpec, grid: int, steps: i
     """Per group and output column, the clipping bound `[groups, out]` minimising that group's error.
 
     `h` and `w` are the scaled pair (the Gram matrix of `x / s`, `s W`); bound `i` is
-    `max|w| (1 - i / grid)`, `i < steps`; a group's error uses `h`'s diagonal block for its rows.
+    `max|w| (1 - i / grid)`, `i < steps`; a group's error uses `h`'s diagonal block for its rows
+    (zero-padded for the filler rows of a short last group).
     """
     gs = group_size(w.shape[0], spec)
-    wg, n_groups = to_groups(w, gs), w.shape[0] // gs  # [gs, G, out]
-    blocks = h.reshape(n_groups, gs, n_groups, gs)[np.arange(n_groups), :, np.arange(n_groups)]  # [G, gs, gs]
+    g, pad = n_groups(w.shape[0], gs), n_groups(w.shape[0], gs) * gs - w.shape[0]
+    wg = to_groups(w, gs)  # [gs, G, out]
+    blocks = jnp.pad(h, ((0, pad), (0, pad))).reshape(g, gs, g, gs)[np.arange(g), :, np.arange(g)]  # [G, gs, gs]
     top = jnp.abs(wg).max(axis=0)
     keep = jnp.asarray(np.float32(1) - grid_fractions(grid, steps))
 
@@ -149,6 +151,6 @@ def awq_quantize(h: jax.Array, x_mean: jax.Array, kernels: Sequence[jax.Array], 
         gs, hs = group_size(h.shape[0], spec), h / (s[:, None] * s[None, :])
         steps = int(config.clip_max_shrink * config.clip_grid)
         bounds = [search_clip(hs, w, spec, config.clip_grid, steps) for w in scaled]
-        scaled = [from_groups(jnp.clip(to_groups(w, gs), -b, b)) for w, b in zip(scaled, bounds)]
+        scaled = [from_groups(jnp.clip(to_groups(w, gs), -b, b), w.shape[0]) for w, b in zip(scaled, bounds)]
     weights = tuple(rtn_quantize(w, spec, f"{name}[{i}]") for i, w in enumerate(scaled))
     return AWQResult(weights, s, float(np.asarray(best)) / config.n_grid, errors)

@@ -5,8 +5,8 @@ Both see a linear's calibration inputs `x[n, in]` only through the Gram matrix `
 positive multiple serves, e.g. GPTQ's `HessianAccumulator.hessian()`): `||x e||^2 = tr(e^T h e)`,
 so a step costs `in^2 out` whatever the number of tokens.
 
-A group is `groupsize` consecutive input rows (all of them for `groupsize=-1`), as in `rtn.py`;
-these methods need the groups to tile the rows exactly, so `groupsize` must divide `in`.
+A group is `groupsize` consecutive input rows (all of them for `groupsize=-1`), the last one
+possibly shorter (576 rows in groups of 128), as in `rtn.py`.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pyllama_jax.quant.rtn import QuantSpec
 
 def check_problem(h, kernels, spec: QuantSpec, name: str) -> None:
     """Raise one ValueError naming the field when the Gram matrix `h[in, in]` cannot go with every
-    kernel `[in, out]`, or `spec` cannot split `in` into whole groups."""
+    kernel `[in, out]`, or `spec`'s groups do not fit `in`."""
     if h.ndim != 2 or h.shape[0] != h.shape[1]:
         raise ValueError(f"{name}: h has shape {tuple(h.shape)}, expected a square [in, in] Gram matrix of the inputs")
     if not kernels:
@@ -28,9 +28,6 @@ def check_problem(h, kernels, spec: QuantSpec, name: str) -> None:
             raise ValueError(f"{name}: h is {h.shape[0]} x {h.shape[0]} but kernel {i} has shape "
                              f"{tuple(w.shape)}, expected [{h.shape[0]}, out]")
     spec.check_shape(h.shape[0], name)
-    if spec.groupsize != -1 and h.shape[0] % spec.groupsize:
-        raise ValueError(f"{name}: groupsize={spec.groupsize} does not divide its {h.shape[0]} input "
-                         f"features; expected -1 or a divisor of {h.shape[0]}")
 
 
 def group_size(in_features: int, spec: QuantSpec) -> int:
@@ -38,18 +35,27 @@ def group_size(in_features: int, spec: QuantSpec) -> int:
     return in_features if spec.groupsize == -1 else spec.groupsize
 
 
+def n_groups(in_features: int, gs: int) -> int:
+    """Groups of `gs` rows covering `in_features` rows, the last one possibly short."""
+    return -(-in_features // gs)
+
+
 def to_groups(w: jax.Array, gs: int) -> jax.Array:
-    """`w[in, out]` -> `[gs, in / gs, out]`: `rtn.find_params` reduces axis 0, giving `[groups, out]`.
+    """`w[in, out]` -> `[gs, groups, out]`: `rtn.find_params` reduces axis 0, giving `[groups, out]`.
 
-    (Not `vmap` over groups: batching moves `rtn._div`'s barrier off the divisor, and XLA then
-    divides by a constant as a multiply by its reciprocal, which moves rounding ties.)
+    A short last group is filled up with copies of the last row, which leave its min and max as
+    they are; `from_groups` drops them. (Not `vmap` over groups: batching moves `rtn._div`'s
+    barrier off the divisor, and XLA then divides by a constant as a multiply by its reciprocal,
+    which moves rounding ties.)
     """
-    return w.reshape(w.shape[0] // gs, gs, w.shape[1]).transpose(1, 0, 2)
+    n = w.shape[0]
+    w = jnp.pad(w, ((0, n_groups(n, gs) * gs - n), (0, 0)), mode="edge")
+    return w.reshape(-1, gs, w.shape[1]).transpose(1, 0, 2)
 
 
-def from_groups(w: jax.Array) -> jax.Array:
-    """Inverse of `to_groups`."""
-    return w.transpose(1, 0, 2).reshape(-1, w.shape[-1])
+def from_groups(w: jax.Array, in_features: int) -> jax.Array:
+    """Inverse of `to_groups`: the first `in_features` rows."""
+    return w.transpose(1, 0, 2).reshape(-1, w.shape[-1])[:in_features]
 
 
 def error(h: jax.Array, w: jax.Array, w_hat: jax.Array) -> jax.Array:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pyllama_jax.model.packing import QuantWeight, group_index, pack
-from pyllama_jax.quant.groupwise import check_problem, error, from_groups, group_size, to_groups
+from pyllama_jax.quant.groupwise import check_problem, error, from_groups, group_size, n_groups, to_groups
 from pyllama_jax.quant.rtn import QuantSpec, _div, find_params
 
 CLIP_RANGE = (0.5, 1.0)  # bounds of the learned alpha, beta
@@ -66,9 +66,9 @@ def grid(w: jax.Array, alpha: jax.Array, beta: jax.Array, spec: QuantSpec) -> tu
     return find_params(jnp.stack([hi, lo]), spec.maxq, spec.sym, False)
 
 
-def _codes(w: jax.Array, r: Rounding, scale: jax.Array, zero: jax.Array, maxq: int) -> jax.Array:
+def _codes(w: jax.Array, r: Rounding, scale: jax.Array, zero: jax.Array, spec: QuantSpec) -> jax.Array:
     """Codes `[gs, groups, out]` (floats), rounding and clipping passed straight through."""
-    gs = w.shape[0] // scale.shape[0]
+    gs, maxq = group_size(w.shape[0], spec), spec.maxq
     u = _div(to_groups(w, gs), scale) + to_groups(r.v, gs)
     q = u + jax.lax.stop_gradient(jnp.round(u) - u) + zero
     return jnp.where((q >= 0) & (q <= maxq), q, jax.lax.stop_gradient(jnp.clip(q, 0, maxq)))
@@ -77,15 +77,14 @@ def _codes(w: jax.Array, r: Rounding, scale: jax.Array, zero: jax.Array, maxq: i
 def dequantize_rounding(w: jax.Array, r: Rounding, spec: QuantSpec) -> jax.Array:
     """`Wq[in, out]` of the rounding `r` (differentiable in `r`)."""
     scale, zero = grid(w, r.alpha, r.beta, spec)
-    return from_groups(scale * (_codes(w, r, scale, zero, spec.maxq) - zero))
+    return from_groups(scale * (_codes(w, r, scale, zero, spec) - zero), w.shape[0])
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "steps", "learn_clip"))
 def learn_rounding(h: jax.Array, w: jax.Array, spec: QuantSpec, steps: int, lr: float,
                    learn_clip: bool) -> tuple[Rounding, jax.Array]:
     """The rounding of lowest loss among iterates `0 .. steps - 1`, and that loss."""
-    groups = w.shape[0] // group_size(w.shape[0], spec)
-    ones = jnp.ones((groups, w.shape[1]), jnp.float32)
+    ones = jnp.ones((n_groups(w.shape[0], group_size(w.shape[0], spec)), w.shape[1]), jnp.float32)
     loss_and_grad = jax.value_and_grad(lambda r: error(h, w, dequantize_rounding(w, r, spec)))
 
     def step(t, carry):
@@ -110,7 +109,7 @@ def learn_rounding(h: jax.Array, w: jax.Array, spec: QuantSpec, steps: int, lr: 
 def rounding_codes(w: jax.Array, r: Rounding, spec: QuantSpec) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Integer codes `[in, out]`, scales and integer zeros `[groups, out]`, as `rtn.py` produces them."""
     scale, zero = grid(w, r.alpha, r.beta, spec)
-    codes = from_groups(_codes(w, r, scale, zero, spec.maxq))
+    codes = from_groups(_codes(w, r, scale, zero, spec), w.shape[0])
     return codes.astype(jnp.int32), scale, zero.astype(jnp.int32)
 
 
