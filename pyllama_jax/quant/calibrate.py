@@ -3,11 +3,11 @@
 GPTQ's driver, true-sequential: block 0's inputs are captured for every calibration sample; in
 each block the groups `[k, v, q] -> [o] -> [up, gate] -> [down]` are quantized in turn, each from
 the Hessian of its inputs as produced by the already-quantized parts of the block, and the
-quantized block's outputs feed the next block. A block's stages are computed piecewise
-(`x + attn(norm(x))`, then `h + mlp(norm(h))`), so each block runs about once per sample. Only the
-current block and the activations are put on the device. With `resume_dir`, every finished block's
-packed weights are saved with the next block's inputs, and a rerun continues at the first unfinished
-block.
+quantized block's outputs feed the next block. Each group's inputs are tapped from the block's own
+forward (`Block.__call__`), jitted so that the part of the block after the tapped linear is not
+computed. Only the current block and the activations are put on the device. With `resume_dir`,
+every finished block's packed weights are saved with the next block's inputs, and a rerun continues
+at the first unfinished block.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from pyllama_jax.model.llama import Block, Llama, causal_mask, rope_frequencies
+from pyllama_jax.model.llama import Block, Llama
 from pyllama_jax.quant.gptq import GPTQConfig, HessianAccumulator, gptq_quantize
 from pyllama_jax.model.qlinear import LAYER_LINEARS, get_module, replace_linear, set_linear
 from pyllama_jax.quant.rtn import QuantSpec, rtn_quantize
@@ -42,58 +42,38 @@ class _Tap:
         return self.inner(x)
 
 
-def _tapped(layer: Block, path: str, run: Callable[[Block], object]) -> jax.Array:
-    """The input reaching `layer.<path>` while `run(layer)` executes (the rest is dead code)."""
-    seen: list = []
-    set_linear(layer, path, _Tap(get_module(layer, path), seen))
-    run(layer)
-    return seen[0]
+def _tapped_forward(layer: Block, x: jax.Array, paths: tuple[str, ...]) -> tuple[list[jax.Array], jax.Array]:
+    """The inputs reaching `layer.<path>` for each of `paths` while the block runs its own forward
+    (`Block.__call__`, causal) on `x`, and the block's output. Under jit, what no returned value
+    needs (the rest of the block after a tapped linear) is dead code and is not computed."""
+    seen: dict[str, list] = {path: [] for path in paths}
+    for path in paths:
+        set_linear(layer, path, _Tap(get_module(layer, path), seen[path]))
+    out, _ = layer(x, jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2]))
+    return [seen[path][0] for path in paths], out
 
 
-# The stages of one block; each is jitted with the block's graphdef static, so blocks with the
-# same quantized/dense structure share one compiled program.
-def _stage_attn_in(layer: Block, x):
-    return layer.attn_norm(x)
-
-
-def _stage_o_in(layer: Block, x):
-    pos = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-    freqs, mask = rope_frequencies(layer.config), causal_mask(pos)
-    return _tapped(layer, "attn.o", lambda b: b.attn(b.attn_norm(x), pos, freqs, mask, None))
-
-
-def _stage_mlp_in(layer: Block, x, ctx):
-    h = x + layer.attn.o(ctx)
-    return h, layer.mlp_norm(h)
-
-
-def _stage_down_in(layer: Block, h):
-    return _tapped(layer, "mlp.down", lambda b: b.mlp(b.mlp_norm(h)))
-
-
-def _stage_out(layer: Block, h):
-    return h + layer.mlp(layer.mlp_norm(h))
-
-
-def _jit_stage(fn):
-    run = jax.jit(lambda graphdef, state, *args: fn(nnx.merge(graphdef, state), *args), static_argnums=0)
-    return lambda layer, *args: run(*nnx.split(layer), *args)
-
-
-_attn_in, _o_in, _mlp_in, _down_in, _out = map(
-    _jit_stage, (_stage_attn_in, _stage_o_in, _stage_mlp_in, _stage_down_in, _stage_out))
+def _jit_block(fn):
+    """`fn(layer, x)` jitted with the block's graphdef static, so blocks with the same quantized/dense
+    structure share one compiled program."""
+    run = jax.jit(lambda graphdef, state, x: fn(nnx.merge(graphdef, state), x), static_argnums=0)
+    return lambda layer, x: run(*nnx.split(layer), x)
 
 
 SEQUENTIAL = (("attn.k", "attn.v", "attn.q"), ("attn.o",), ("mlp.up", "mlp.gate"), ("mlp.down",))
 
+# The input of each group of `SEQUENTIAL` (its linears share one input; the last of each group runs
+# first in the block), and the block's output.
+_group_inputs = [_jit_block(lambda layer, x, path=paths[-1]: _tapped_forward(layer, x, (path,))[0][0])
+                 for paths in SEQUENTIAL]
+_block_out = _jit_block(lambda layer, x: layer(x, jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2]))[0])
+_all_inputs = _jit_block(lambda layer, x: _tapped_forward(layer, x, tuple(p[-1] for p in SEQUENTIAL)))
+
 
 def linear_inputs(layer: Block, x: jax.Array) -> tuple[dict[str, jax.Array], jax.Array]:
     """The input `[b, t, in]` of each linear of `layer` for block inputs `x`, and the block's output."""
-    attn_in = _attn_in(layer, x)
-    ctx = _o_in(layer, x)
-    h, mlp_in = _mlp_in(layer, x, ctx)
-    groups = (attn_in, ctx, mlp_in, _down_in(layer, h))
-    return {path: a for paths, a in zip(SEQUENTIAL, groups) for path in paths}, _out(layer, h)
+    groups, out = _all_inputs(layer, x)
+    return {path: a for paths, a in zip(SEQUENTIAL, groups) for path in paths}, out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,12 +162,9 @@ def quantize_gptq(model: Llama, calib: np.ndarray, spec: QuantSpec, gptq: GPTQCo
                                        .astype(model.config.compute_dtype)) for i in range(0, n, bs)])
     batches = [slice(i, i + bs) for i in range(0, n, bs)]
 
-    def run(stage, layer, *arrays):
+    def run(stage, layer, x):
         """`stage` over all samples, batch by batch; outputs gathered on the host."""
-        outs = [stage(layer, *(jnp.asarray(a[b]) for a in arrays)) for b in batches]
-        if isinstance(outs[0], tuple):
-            return tuple(np.concatenate([np.asarray(o[k]) for o in outs]) for k in range(len(outs[0])))
-        return np.concatenate([np.asarray(o) for o in outs])
+        return np.concatenate([np.asarray(stage(layer, jnp.asarray(x[b]))) for b in batches])
 
     def quantize_group(layer, i, paths, acts):
         acc = HessianAccumulator(acts.shape[-1])
@@ -205,15 +182,9 @@ def quantize_gptq(model: Llama, calib: np.ndarray, spec: QuantSpec, gptq: GPTQCo
         layer = model.layers[i]
         _, state = nnx.split(layer)
         nnx.update(layer, jax.device_put(state))
-        quantize_group(layer, i, SEQUENTIAL[0], run(_attn_in, layer, x))
-        ctx = run(_o_in, layer, x)
-        quantize_group(layer, i, SEQUENTIAL[1], ctx)
-        h, mlp_in = run(_mlp_in, layer, x, ctx)
-        del ctx
-        quantize_group(layer, i, SEQUENTIAL[2], mlp_in)
-        del mlp_in
-        quantize_group(layer, i, SEQUENTIAL[3], run(_down_in, layer, h))
-        x = run(_out, layer, h)
+        for paths, group_input in zip(SEQUENTIAL, _group_inputs):
+            quantize_group(layer, i, paths, run(group_input, layer, x))
+        x = run(_block_out, layer, x)
         if config.resume_dir:
             _save_block(config.resume_dir, i, layer, x)
     return model
