@@ -145,3 +145,8 @@ def test_layers_import_only_downwards():
             if layer(t) != layer(module) and (banned == "*" or layer(t) in banned):
                 wrong.append(f"{module} -> {t}")
     assert not wrong, "imports against the layering:\n" + "\n".join(wrong)
+
+
+def test_no_cycle_between_layers():
+    found = cycles(layer_graph())
+    assert not found, "layers importing each other: " + "; ".join(" <-> ".join(c) for c in found)
