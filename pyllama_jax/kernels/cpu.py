@@ -131,8 +131,8 @@ dense_matmul.defvjp(_dense_fwd, _dense_bwd)
 
 def packed_matmul(x: jax.Array, qweight: jax.Array, scales: jax.Array, qzeros: jax.Array, g_idx: jax.Array,
                   bits: int, groupsize: int) -> jax.Array:
-    """Float32 `x[..., K] @ W` for GPTQ's packed `W` (see `pyllama_jax.quant.packing`; not differentiable:
-    `quant.qlinear` gives it a backward pass)."""
+    """Float32 `x[..., K] @ W` for GPTQ's packed `W` (see `pyllama_jax.model.packing`; not differentiable:
+    `model.qlinear` gives it a backward pass)."""
     _require()
     k, n = g_idx.shape[0], scales.shape[1]
     per = 32 if bits == 3 else 32 // bits
