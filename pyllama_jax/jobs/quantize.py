@@ -14,7 +14,7 @@ from pyllama_jax.api import Model, load, quantize
 from pyllama_jax.convert.save import save_quantized
 from pyllama_jax.model import place
 from pyllama_jax.model.qlinear import set_kernel
-from pyllama_jax.quant.recipe import QuantRecipe, recipe_from, recipe_record
+from pyllama_jax.quant.recipe import QuantRecipe, recipe_from, recipe_record, with_method_defaults
 
 
 def quant_config(**overrides: Any) -> ml_collections.ConfigDict:
@@ -51,8 +51,8 @@ def load_or_quantize(c: Any, mesh: Mesh | None = None) -> Model:
         model = load(folder, dtype=c.dtype, mesh=mesh, kernel=q.kernel, kv_dtype=c.kv_dtype)
         if model.quant is None:
             raise ValueError(f"{folder}: not a quantized checkpoint (quant.{'load' if q.load else 'save'})")
-        wanted = recipe_record(recipe) if q.wbits else {}
-        differ = _differences(model.quant["recipe"], wanted)
+        wanted = with_method_defaults(recipe_record(recipe)) if q.wbits else {}
+        differ = _differences(with_method_defaults(model.quant["recipe"]), wanted)
         if not q.load:
             differ += _differences(model.quant.get("made_from", {}), made_from)
         if differ:

@@ -131,13 +131,12 @@ def search_clip(h: jax.Array, w: jax.Array, spec: QuantSpec, grid: int, steps: i
     return bound
 
 
-def awq_quantize(h: jax.Array, x_mean: jax.Array, kernels: Sequence[jax.Array], spec: QuantSpec,
-                 config: AWQConfig = AWQConfig(), name: str = "awq group") -> AWQResult:
-    """Search the group's scales (and clipping), then RTN-quantize each `s W_i` into a `QuantWeight`.
+def awq_scales(h: jax.Array, x_mean: jax.Array, kernels: Sequence[jax.Array], spec: QuantSpec,
+               config: AWQConfig = AWQConfig(), name: str = "awq group") -> tuple[jax.Array, float, jax.Array]:
+    """The group's scales `s[in]`, their alpha and the error at every alpha (`search_scales`, inputs checked).
 
     `h[in, in]` is the Gram matrix of the group's float inputs `x` and `x_mean[in]` their mean
-    absolute value per channel (any positive multiple of either gives the same result); the caller
-    folds `1 / result.scales` into the op producing `x`.
+    absolute value per channel (any positive multiple of either gives the same result).
     """
     h, x_mean = jnp.asarray(h, jnp.float32), jnp.asarray(x_mean, jnp.float32)
     kernels = tuple(jnp.asarray(w, jnp.float32) for w in kernels)
@@ -146,11 +145,30 @@ def awq_quantize(h: jax.Array, x_mean: jax.Array, kernels: Sequence[jax.Array], 
         raise ValueError(f"{name}: x_mean has shape {tuple(x_mean.shape)}, expected ({h.shape[0]},), "
                          "the mean |x| of each input channel")
     best, s, errors = search_scales(h, x_mean, kernels, spec, config.n_grid)
-    scaled = [scale_rows(w, s) for w in kernels]
+    return s, float(np.asarray(best)) / config.n_grid, errors
+
+
+def clip_scaled(h: jax.Array, s: jax.Array, scaled: Sequence[jax.Array], spec: QuantSpec,
+                config: AWQConfig = AWQConfig()) -> list[jax.Array]:
+    """Auto-clip: each scaled kernel `s W` `[in, out]` with every group clamped to its `search_clip` bound,
+    `h` being the Gram matrix of the unscaled inputs `x` (the kernels see `x / s`)."""
+    gs, hs = group_size(h.shape[0], spec), h / (s[:, None] * s[None, :])
+    steps = int(config.clip_max_shrink * config.clip_grid)
+
+    def clip(w: jax.Array) -> jax.Array:
+        bound = search_clip(hs, w, spec, config.clip_grid, steps)
+        return from_groups(jnp.clip(to_groups(w, gs), -bound, bound), w.shape[0])
+
+    return [clip(w) for w in scaled]
+
+
+def awq_quantize(h: jax.Array, x_mean: jax.Array, kernels: Sequence[jax.Array], spec: QuantSpec,
+                 config: AWQConfig = AWQConfig(), name: str = "awq group") -> AWQResult:
+    """Search the group's scales (`awq_scales`; and clipping, `clip_scaled`), then RTN-quantize each
+    `s W_i` into a `QuantWeight`; the caller folds `1 / result.scales` into the op producing `x`."""
+    s, alpha, errors = awq_scales(h, x_mean, kernels, spec, config, name)
+    scaled = [scale_rows(jnp.asarray(w, jnp.float32), s) for w in kernels]
     if config.clip:
-        gs, hs = group_size(h.shape[0], spec), h / (s[:, None] * s[None, :])
-        steps = int(config.clip_max_shrink * config.clip_grid)
-        bounds = [search_clip(hs, w, spec, config.clip_grid, steps) for w in scaled]
-        scaled = [from_groups(jnp.clip(to_groups(w, gs), -b, b), w.shape[0]) for w, b in zip(scaled, bounds)]
+        scaled = clip_scaled(jnp.asarray(h, jnp.float32), s, scaled, spec, config)
     weights = tuple(rtn_quantize(w, spec, f"{name}[{i}]") for i, w in enumerate(scaled))
-    return AWQResult(weights, s, float(np.asarray(best)) / config.n_grid, errors)
+    return AWQResult(weights, s, alpha, errors)

@@ -1,20 +1,17 @@
-"""Quantize a whole model: RTN directly, GPTQ layer by layer on calibration activations.
+"""Quantize a whole model: RTN directly, or block by block on calibration activations.
 
-GPTQ's driver, true-sequential: block 0's inputs are captured for every calibration sample; in
-each block the groups `[k, v, q] -> [o] -> [up, gate] -> [down]` are quantized in turn, each from
-the Hessian of its inputs as produced by the already-quantized parts of the block, and the
-quantized block's outputs feed the next block. Each group's inputs are tapped from the block's own
-forward (`Block.__call__`), jitted so that the part of the block after the tapped linear is not
-computed. Only the current block and the activations are put on the device. With `resume_dir`,
-every finished block's packed weights are saved with the next block's inputs, and a rerun continues
-at the first unfinished block.
+The calibrated driver, true-sequential: block 0's inputs are captured for every calibration sample;
+in each block an optional pre-pass (AWQ's scale search and folding, on the float block) runs first,
+then the groups `[k, v, q] -> [o] -> [up, gate] -> [down]` are quantized in turn by a `Rounding`
+(GPTQ, RTN or SignRound), each from the Hessian of its inputs as produced by the already-quantized
+parts of the block (taps.py), and the quantized block's outputs feed the next block. Only the
+current block and the activations are put on the device. With `resume_dir`, every finished block is
+saved with the next block's inputs, and a rerun continues at the first unfinished block (resume.py).
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 from typing import Callable
 
 import jax
@@ -23,65 +20,55 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from pyllama_jax.model.llama import Block, Llama
+from pyllama_jax.model.llama import Llama
+from pyllama_jax.model.packing import QuantWeight
+from pyllama_jax.model.qlinear import LAYER_LINEARS, get_module, replace_linear
+from pyllama_jax.quant.awq import AWQConfig
+from pyllama_jax.quant.awq_block import awq_prepass
 from pyllama_jax.quant.gptq import GPTQConfig, HessianAccumulator, gptq_quantize
-from pyllama_jax.model.qlinear import LAYER_LINEARS, get_module, replace_linear, set_linear
+from pyllama_jax.quant.resume import resume_point, save_block
 from pyllama_jax.quant.rtn import QuantSpec, rtn_quantize
+from pyllama_jax.quant.signround import SignRoundConfig, signround_quantize
+from pyllama_jax.quant.taps import SEQUENTIAL, block_out, group_inputs, linear_inputs  # noqa: F401 (linear_inputs: public here)
 
 log = logging.getLogger(__name__)
 
 
-class _Tap:
-    """Stands in for a linear layer inside a traced block and records its input."""
-
-    def __init__(self, inner: Callable, record: list):
-        self.inner, self.record = inner, record
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        self.record.append(x)
-        return self.inner(x)
-
-
-def _tapped_forward(layer: Block, x: jax.Array, paths: tuple[str, ...]) -> tuple[list[jax.Array], jax.Array]:
-    """The inputs reaching `layer.<path>` for each of `paths` while the block runs its own forward
-    (`Block.__call__`, causal) on `x`, and the block's output. Under jit, what no returned value
-    needs (the rest of the block after a tapped linear) is dead code and is not computed."""
-    seen: dict[str, list] = {path: [] for path in paths}
-    for path in paths:
-        set_linear(layer, path, _Tap(get_module(layer, path), seen[path]))
-    out, _ = layer(x, jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2]))
-    return [seen[path][0] for path in paths], out
-
-
-def _jit_block(fn):
-    """`fn(layer, x)` jitted with the block's graphdef static, so blocks with the same quantized/dense
-    structure share one compiled program."""
-    run = jax.jit(lambda graphdef, state, x: fn(nnx.merge(graphdef, state), x), static_argnums=0)
-    return lambda layer, x: run(*nnx.split(layer), x)
-
-
-SEQUENTIAL = (("attn.k", "attn.v", "attn.q"), ("attn.o",), ("mlp.up", "mlp.gate"), ("mlp.down",))
-
-# The input of each group of `SEQUENTIAL` (its linears share one input; the last of each group runs
-# first in the block), and the block's output.
-_group_inputs = [_jit_block(lambda layer, x, path=paths[-1]: _tapped_forward(layer, x, (path,))[0][0])
-                 for paths in SEQUENTIAL]
-_block_out = _jit_block(lambda layer, x: layer(x, jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2]))[0])
-_all_inputs = _jit_block(lambda layer, x: _tapped_forward(layer, x, tuple(p[-1] for p in SEQUENTIAL)))
-
-
-def linear_inputs(layer: Block, x: jax.Array) -> tuple[dict[str, jax.Array], jax.Array]:
-    """The input `[b, t, in]` of each linear of `layer` for block inputs `x`, and the block's output."""
-    groups, out = _all_inputs(layer, x)
-    return {path: a for paths, a in zip(SEQUENTIAL, groups) for path in paths}, out
-
-
 @dataclasses.dataclass(frozen=True)
 class CalibrationConfig:
-    """How GPTQ sees its calibration data."""
+    """How the calibrated driver sees its calibration data."""
 
     batch_size: int = 8  # calibration samples per forward call
     resume_dir: str | None = None  # save each finished block here and resume from it
+
+
+@dataclasses.dataclass(frozen=True)
+class Rounding:
+    """How the calibrated driver rounds each linear: `quantize(kernel, h, name)`, `h` the Hessian of
+    its inputs (None when `uses_inputs` is False), and the settings a resume folder must match."""
+
+    name: str
+    quantize: Callable[[jax.Array, jax.Array | None, str], QuantWeight]
+    settings: dict
+    uses_inputs: bool = True
+
+
+def gptq_rounding(spec: QuantSpec, gptq: GPTQConfig = GPTQConfig()) -> Rounding:
+    def solve(kernel: jax.Array, h: jax.Array, name: str) -> QuantWeight:
+        qw, loss = gptq_quantize(kernel, h, spec, gptq, name)
+        log.info("%s: GPTQ loss %.4g", name, loss)
+        return qw
+
+    return Rounding("GPTQ", solve, {"gptq": dataclasses.asdict(gptq)})
+
+
+def rtn_rounding(spec: QuantSpec) -> Rounding:
+    return Rounding("RTN", lambda kernel, h, name: rtn_quantize(kernel, spec, name), {"rtn": True}, uses_inputs=False)
+
+
+def signround_rounding(spec: QuantSpec, config: SignRoundConfig) -> Rounding:
+    return Rounding("SignRound", lambda kernel, h, name: signround_quantize(h, kernel, spec, config, name),
+                    {"signround": dataclasses.asdict(config)})
 
 
 def quantize_rtn(model: Llama, spec: QuantSpec) -> Llama:
@@ -93,69 +80,22 @@ def quantize_rtn(model: Llama, spec: QuantSpec) -> Llama:
     return model
 
 
-def _settings(spec: QuantSpec, gptq: GPTQConfig, calib: np.ndarray) -> dict:
-    return {"spec": dataclasses.asdict(spec), "gptq": dataclasses.asdict(gptq),
+def _settings(spec: QuantSpec, rounding: Rounding, awq: AWQConfig | None, calib: np.ndarray) -> dict:
+    return {"spec": dataclasses.asdict(spec), **rounding.settings,
+            **({"awq": dataclasses.asdict(awq)} if awq is not None else {}),
             "calibration_shape": list(calib.shape), "calibration_checksum": int(np.asarray(calib, np.int64).sum())}
 
 
-def _resume_point(model: Llama, settings: dict, folder: str) -> tuple[int, np.ndarray | None]:
-    """Load the blocks finished in `folder` into `model`; return (next block, its inputs)."""
-    from pyllama_jax.convert.save import load_quant_weights
-
-    os.makedirs(folder, exist_ok=True)
-    meta = os.path.join(folder, "settings.json")
-    if os.path.exists(meta):
-        with open(meta) as f:
-            saved = json.load(f)
-        if saved != settings:
-            raise ValueError(f"{meta}: this folder holds a run with other settings ({saved}); "
-                             "use another resume_dir or delete it")
-    else:
-        _write_json(meta, settings)
-    done, x = 0, None
-    while os.path.exists(os.path.join(folder, f"block{done:03d}.safetensors")):
-        done += 1
-    while done and not os.path.exists(os.path.join(folder, f"inputs{done:03d}.npy")):
-        done -= 1  # only the inputs of the first unfinished block are kept
-    for i in range(done):
-        for path, qw in load_quant_weights(os.path.join(folder, f"block{i:03d}.safetensors")).items():
-            replace_linear(model.layers[i], path, qw)
-    if done:
-        x = np.load(os.path.join(folder, f"inputs{done:03d}.npy"))
-        log.info("resuming GPTQ at block %d from %s", done, folder)
-    return done, x
-
-
-def _write_json(path: str, obj: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
-def _save_block(folder: str, i: int, layer: Block, x_next: np.ndarray) -> None:
-    """Save block `i` and the next block's inputs, then drop block `i`'s inputs (no longer needed)."""
-    from pyllama_jax.convert.save import save_quant_weights
-
-    tmp = os.path.join(folder, f"inputs{i + 1:03d}.tmp.npy")
-    np.save(tmp, x_next)
-    os.replace(tmp, os.path.join(folder, f"inputs{i + 1:03d}.npy"))
-    save_quant_weights(os.path.join(folder, f"block{i:03d}.safetensors"),
-                       {p: get_module(layer, p).weight for p in LAYER_LINEARS})
-    stale = os.path.join(folder, f"inputs{i:03d}.npy")
-    if os.path.exists(stale):
-        os.remove(stale)
-
-
-def quantize_gptq(model: Llama, calib: np.ndarray, spec: QuantSpec, gptq: GPTQConfig = GPTQConfig(),
-                  config: CalibrationConfig = CalibrationConfig()) -> Llama:
-    """GPTQ-quantize every block linear of `model` (in place) on calibration ids `calib[n, seqlen]`."""
+def quantize_calibrated(model: Llama, calib: np.ndarray, spec: QuantSpec, rounding: Rounding,
+                        config: CalibrationConfig = CalibrationConfig(), awq: AWQConfig | None = None) -> Llama:
+    """Quantize every block linear of `model` (in place) by `rounding` on calibration ids `calib[n, seqlen]`,
+    each block first rescaled by AWQ's pre-pass when `awq` is given."""
     calib = np.asarray(calib, np.int32)
     n = len(calib)
     bs = config.batch_size
     start, x = 0, None
     if config.resume_dir:
-        start, x = _resume_point(model, _settings(spec, gptq, calib), config.resume_dir)
+        start, x = resume_point(model, _settings(spec, rounding, awq, calib), config.resume_dir)
     if x is None:
         embed = model.embed[...]
         x = np.concatenate([np.asarray(jnp.take(embed, jnp.asarray(calib[i:i + bs]), axis=0)
@@ -166,25 +106,33 @@ def quantize_gptq(model: Llama, calib: np.ndarray, spec: QuantSpec, gptq: GPTQCo
         """`stage` over all samples, batch by batch; outputs gathered on the host."""
         return np.concatenate([np.asarray(stage(layer, jnp.asarray(x[b]))) for b in batches])
 
-    def quantize_group(layer, i, paths, acts):
+    def hessian(acts: np.ndarray) -> jax.Array:
         acc = HessianAccumulator(acts.shape[-1])
         for b in batches:
             acc.add(jnp.asarray(acts[b]))
-        h = acc.hessian()
-        for path in paths:
-            lin = get_module(layer, path)
-            qw, loss = gptq_quantize(lin.kernel[...], h, spec, gptq, f"layers.{i}.{path}")
-            replace_linear(layer, path, qw)
-            log.info("layers.%d.%s: GPTQ loss %.4g", i, path, loss)
+        return acc.hessian()
 
-    for i in tqdm(range(start, model.config.n_layers), desc=f"GPTQ {spec.bits}-bit", unit="block",
+    how = ("AWQ + " if awq is not None else "") + rounding.name
+    for i in tqdm(range(start, model.config.n_layers), desc=f"{how} {spec.bits}-bit", unit="block",
                   initial=start, total=model.config.n_layers):
         layer = model.layers[i]
         _, state = nnx.split(layer)
         nnx.update(layer, jax.device_put(state))
-        for paths, group_input in zip(SEQUENTIAL, _group_inputs):
-            quantize_group(layer, i, paths, run(group_input, layer, x))
-        x = run(_block_out, layer, x)
+        if awq is not None:
+            for group, (_, alpha) in awq_prepass(layer, x, batches, spec, awq, f"layers.{i}").items():
+                log.info("layers.%d %s: AWQ alpha %.2f", i, group, alpha)
+        for paths, group_input in zip(SEQUENTIAL, group_inputs):
+            h = hessian(run(group_input, layer, x)) if rounding.uses_inputs else None
+            for path in paths:
+                replace_linear(layer, path, rounding.quantize(get_module(layer, path).kernel[...], h,
+                                                              f"layers.{i}.{path}"))
+        x = run(block_out, layer, x)
         if config.resume_dir:
-            _save_block(config.resume_dir, i, layer, x)
+            save_block(config.resume_dir, i, layer, x)
     return model
+
+
+def quantize_gptq(model: Llama, calib: np.ndarray, spec: QuantSpec, gptq: GPTQConfig = GPTQConfig(),
+                  config: CalibrationConfig = CalibrationConfig()) -> Llama:
+    """GPTQ-quantize every block linear of `model` (in place) on calibration ids `calib[n, seqlen]`."""
+    return quantize_calibrated(model, calib, spec, gptq_rounding(spec, gptq), config)

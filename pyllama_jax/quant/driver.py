@@ -5,8 +5,11 @@ import numpy as np
 
 from pyllama_jax.data.text import calibration_windows, load_text
 from pyllama_jax.model.llama import Llama
-from pyllama_jax.quant.calibrate import CalibrationConfig, quantize_gptq, quantize_rtn
+from pyllama_jax.quant.awq import AWQConfig
+from pyllama_jax.quant.calibrate import (CalibrationConfig, Rounding, gptq_rounding, quantize_calibrated, quantize_rtn,
+                                         rtn_rounding, signround_rounding)
 from pyllama_jax.quant.recipe import QuantRecipe
+from pyllama_jax.quant.signround import SignRoundConfig
 from pyllama_jax.tokenizer import Tokenizer
 
 
@@ -16,15 +19,24 @@ def calibration_ids(tokenizer: Tokenizer, recipe: QuantRecipe) -> np.ndarray:
     return np.asarray(calibration_windows(ids, recipe.nsamples, recipe.seqlen, recipe.seed))
 
 
+def rounding(recipe: QuantRecipe) -> Rounding:
+    """How the calibrated driver rounds each linear for `recipe`: SignRound, RTN or GPTQ."""
+    if recipe.signround_steps:
+        return signround_rounding(recipe.spec, SignRoundConfig(recipe.signround_steps))
+    return rtn_rounding(recipe.spec) if recipe.nearest else gptq_rounding(recipe.spec, recipe.gptq)
+
+
 def quantize(module: Llama, recipe: QuantRecipe = QuantRecipe(), *, tokenizer: Tokenizer | None = None,
              calibration: np.ndarray | None = None, resume_dir: str | None = None, batch_size: int = 8) -> Llama:
-    """Quantize `module`'s block linears by `recipe` (RTN, or GPTQ on `calibration[n, seqlen]` token ids,
-    by default made from `recipe.calibration` with `tokenizer`); returns `module`, changed in place."""
-    if recipe.nearest:
+    """Quantize `module`'s block linears by `recipe` (plain RTN; or block by block on `calibration[n, seqlen]`
+    token ids, by default made from `recipe.calibration` with `tokenizer`); returns `module`, changed in place."""
+    if not recipe.calibrated:
         return quantize_rtn(module, recipe.spec)
     if calibration is None:
         if tokenizer is None:
-            raise ValueError("GPTQ needs calibration token ids (calibration=) or a tokenizer to make them from "
-                             f"recipe.calibration={recipe.calibration!r}")
+            raise ValueError(f"{recipe.describe()} needs calibration token ids (calibration=) or a tokenizer to make "
+                             f"them from recipe.calibration={recipe.calibration!r}")
         calibration = calibration_ids(tokenizer, recipe)
-    return quantize_gptq(module, calibration, recipe.spec, recipe.gptq, CalibrationConfig(batch_size, resume_dir))
+    awq = AWQConfig(clip=recipe.awq_clip) if recipe.awq else None
+    return quantize_calibrated(module, calibration, recipe.spec, rounding(recipe),
+                               CalibrationConfig(batch_size, resume_dir), awq)
