@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from pyllama_jax.model.config import ModelConfig
 from pyllama_jax.sharding.rules import constrain
 
-AXES = ("batch", "length", "kv_heads", "head_dim")  # logical axes of each k/v array (sharding rules)
+AXES = ("cache_batch", "cache_length", "cache_heads", "cache_head_dim")  # each k/v array (sharding rules)
 
 
 @jax.tree_util.register_dataclass

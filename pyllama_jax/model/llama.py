@@ -20,7 +20,8 @@ from pyllama_jax.model.kv_cache import KVCache
 from pyllama_jax.model.order import after
 from pyllama_jax.sharding.rules import constrain
 
-ACT_AXES = ("batch", "length", "embed")  # logical axes of the residual stream (sharding rules)
+ACT_AXES = ("activation_batch", "activation_length", "activation_embed")  # the residual stream (sharding rules)
+LOGIT_AXES = ("activation_batch", "activation_length", "activation_vocab")
 
 
 def _init(rngs: nnx.Rngs, shape: tuple[int, ...], dtype, std: float = 0.02) -> jax.Array:
@@ -243,7 +244,7 @@ class Llama(nnx.Module):
             logits = output_head(x, self.embed[...] if tied else self.lm_head.kernel[...], transposed=tied)
         else:
             logits = self.lm_head(x)  # a wrapped head (a LoRA adapter)
-        logits = constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+        logits = constrain(logits.astype(jnp.float32), LOGIT_AXES)
         return logits, (KVCache.from_layers(new_layers) if cache is not None else None)
 
 

@@ -2,8 +2,10 @@
 
 Megatron-style tensor parallelism over `tensor`: q/k/v/gate/up are column-parallel (split along
 their output: heads, kv_heads, mlp), o/down row-parallel (split along their input), the embedding
-and output layer vocab-parallel. `fsdp` splits the model dimension of weights; activations and
-the KV cache split their batch over `data` and `fsdp`. The model code only names logical axes.
+and output layer vocab-parallel. `fsdp` splits the model dimension of weights; activations
+(`activation_*`) and the KV cache (`cache_*`) split their batch over `data` and `fsdp`, each under
+names of its own, so one can be laid out without moving the others. The model code only names
+logical axes.
 """
 from __future__ import annotations
 
@@ -18,15 +20,26 @@ MeshAxes = str | tuple[str, ...] | None
 Rules = tuple[tuple[str, MeshAxes], ...]
 
 RULES: Rules = (
-    ("batch", ("data", "fsdp")),  # rows of activations and of the KV cache
+    # weights
     ("vocab", "tensor"),  # vocab-parallel embedding and lm_head
     ("heads", "tensor"),  # column-parallel q, row-parallel o
-    ("kv_heads", "tensor"),  # column-parallel k and v; the KV cache splits by head
+    ("kv_heads", "tensor"),  # column-parallel k and v
     ("mlp", "tensor"),  # column-parallel gate and up, row-parallel down
-    ("embed", "fsdp"),  # the model dimension of weights (activations: taken by "batch" first)
-    ("length", None),  # sequence / cache slots
+    ("embed", "fsdp"),  # the model dimension of weights
     ("head_dim", None),
     ("norm", None),  # RMSNorm scales
+    # activations (`constrain` in model/llama.py) and input rows
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),  # the residual stream keeps its model dimension whole
+    ("activation_vocab", "tensor"),  # logits, split like the output head
+    ("batch", ("data", "fsdp")),  # token rows fed to the model (a training batch)
+    ("length", None),
+    # the KV cache (model/kv_cache.py)
+    ("cache_batch", ("data", "fsdp")),
+    ("cache_length", None),  # cache slots
+    ("cache_heads", "tensor"),  # split by kv head, as k and v are computed
+    ("cache_head_dim", None),
 )
 
 # A packed quantized weight (`pyllama_jax.model.qlinear`) shards with the dense kernel `(input, output)` it
