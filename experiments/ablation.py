@@ -1,11 +1,14 @@
-"""GPTQ/RTN on SmolLM2-135M: the reference table and the bits x groupsize x method x act-order sweep.
+"""GPTQ/RTN/AWQ/SignRound on SmolLM2-135M: the reference table, the methods beyond it and the bits x
+groupsize x method x act-order sweep.
 
 Every cell (quantization recipe + calibration + evaluation) is saved to
-`experiments/results/cells/<key>.json` when it finishes and skipped when rerun; GPTQ runs keep
-per-block checkpoints under `artifacts/ablation/` so an interrupted cell resumes. The Markdown
-table, CSV and plot are rebuilt from all finished cells.
+`experiments/results/cells/<key>.json` when it finishes and skipped when rerun; calibrated runs
+(GPTQ, AWQ, SignRound) keep per-block checkpoints under `artifacts/ablation/` so an interrupted
+cell resumes. The Markdown table, CSV and plot are rebuilt from all finished cells. `--results`
+puts cells and tables in another folder (a trial run that must not join the real table).
 
     PYLLAMA_DATA_DIR=../shared/data python experiments/ablation.py --grid=reference
+    python experiments/ablation.py --grid=beyond   # act-order, MSE, more samples, AWQ, SignRound
     python experiments/ablation.py --grid=sweep --windows=16 --nsamples=32
     python experiments/ablation.py --report   # tables and plot only
 """
@@ -25,8 +28,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from pyllama_jax.data.text import calibration_windows, data_dir, eval_windows
 from pyllama_jax.eval.perplexity import corpus_ids, window_nlls
-from pyllama_jax.quant.calibrate import CalibrationConfig, quantize_gptq, quantize_rtn
-from pyllama_jax.quant.recipe import QuantRecipe
+from pyllama_jax.quant.driver import quantize
+from pyllama_jax.quant.recipe import METHOD_DEFAULTS, QuantRecipe, recipe_fields, with_method_defaults
 
 RESULTS = os.path.join(REPO, "experiments", "results")
 SPREAD = os.path.join(RESULTS, "spread")  # gptq_spread.py's reruns: <cell key>-<variant>.json
@@ -54,19 +57,26 @@ BEYOND = [  # improvements, each against its reference row
     (dict(nearest=True, wbits=3, groupsize=128, mse=True), None),
     (dict(wbits=4, groupsize=128, nsamples=256), "wiki-tail"),
     (dict(wbits=3, groupsize=128, nsamples=256), "wiki-tail"),
+    (dict(nearest=True, wbits=4, groupsize=128, awq=True), "wiki-tail"),
+    (dict(nearest=True, wbits=3, groupsize=128, awq=True), "wiki-tail"),
+    (dict(nearest=True, wbits=4, groupsize=128, awq=True, awq_clip=True), "wiki-tail"),
+    (dict(nearest=True, wbits=3, groupsize=128, awq=True, awq_clip=True), "wiki-tail"),
+    (dict(nearest=True, wbits=4, groupsize=128, signround_steps=200), "wiki-tail"),
+    (dict(nearest=True, wbits=3, groupsize=128, signround_steps=200), "wiki-tail"),
 ]
+BEYOND_FIELDS = ("act_order", "mse", "nsamples", *METHOD_DEFAULTS)  # a BEYOND row without them: its baseline
 
 
 @dataclasses.dataclass(frozen=True)
 class Cell:
     recipe: QuantRecipe | None  # None = FP32
-    calibration: str | None  # key of CALIBRATION (GPTQ only)
+    calibration: str | None  # key of CALIBRATION (calibrated recipes only)
     windows: int
     seqlen: int = 512
 
     @property
     def key(self) -> str:
-        blob = json.dumps([dataclasses.asdict(self.recipe) if self.recipe else None, self.calibration,
+        blob = json.dumps([recipe_fields(self.recipe) if self.recipe else None, self.calibration,
                            self.windows, self.seqlen], sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
@@ -106,17 +116,17 @@ def run_cell(cell: Cell, model_name: str = "smollm2-135m", calib: np.ndarray | N
     ids = corpus_ids(model.tokenizer, os.path.join(data_dir(), WIKI))
     windows = eval_windows(ids, cell.seqlen, cell.windows)
     start = time.perf_counter()
-    if cell.recipe is not None and cell.recipe.nearest:
-        quantize_rtn(model.module, cell.recipe.spec)
-    elif cell.recipe is not None:
+    if cell.recipe is not None and cell.recipe.calibrated:
         calib = cell_calibration(cell, model.tokenizer) if calib is None else calib
         resume = os.path.join(REPO, "artifacts", "ablation", resume_name or cell.key)
-        quantize_gptq(model.module, calib, cell.recipe.spec, cell.recipe.gptq, CalibrationConfig(batch_size, resume))
+        quantize(model.module, cell.recipe, calibration=calib, resume_dir=resume, batch_size=batch_size)
+    elif cell.recipe is not None:
+        quantize(model.module, cell.recipe)
     quant_seconds = time.perf_counter() - start
     start = time.perf_counter()
     nlls = window_nlls(model.module, windows, batch_size=8)
     return {"label": cell.label(), "calibration": cell.calibration, "windows": int(len(nlls)),
-            "seqlen": cell.seqlen, "recipe": dataclasses.asdict(cell.recipe) if cell.recipe else None,
+            "seqlen": cell.seqlen, "recipe": recipe_fields(cell.recipe) if cell.recipe else None,
             "perplexity": float(np.exp(nlls.mean())), "window_nlls": nlls.tolist(),
             "bits_per_weight": model_bpw(cell.recipe, model.config),
             "quant_seconds": quant_seconds, "eval_seconds": time.perf_counter() - start}
@@ -126,8 +136,8 @@ def cells_for(grid: str, windows: int, nsamples: int) -> list[Cell]:
     def cell(fields, calib):
         if fields is None:
             return Cell(None, None, windows)
-        fields = {"nsamples": nsamples, "seqlen": 512, **fields}
-        return Cell(QuantRecipe(**fields), None if fields.get("nearest") else calib, windows)
+        recipe = QuantRecipe(**{"nsamples": nsamples, "seqlen": 512, **fields})
+        return Cell(recipe, calib if recipe.calibrated else None, windows)
 
     if grid == "reference":
         return [cell(f, c) for f, c, _ in REFERENCE]
@@ -150,16 +160,22 @@ def _write(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def report() -> None:
-    """Rebuild reference.md, sweep.md, ablation.csv and ablation.png from the finished cells."""
-    folder = os.path.join(RESULTS, "cells")
-    rows = [dict(json.load(open(os.path.join(folder, f))), key=f.removesuffix(".json"))
+def _load_cell(path: str) -> dict:
+    """A finished cell, its recipe with every field (cells made before a method was added lack its field)."""
+    row = json.load(open(path))
+    return dict(row, recipe=with_method_defaults(row["recipe"]) if row["recipe"] else None)
+
+
+def report(results: str = RESULTS) -> None:
+    """Rebuild reference.md, sweep.md, ablation.csv and ablation.png in `results` from its finished cells."""
+    folder = os.path.join(results, "cells")
+    rows = [dict(_load_cell(os.path.join(folder, f)), key=f.removesuffix(".json"))
             for f in sorted(os.listdir(folder)) if f.endswith(".json")]
-    _write_reference(rows)
-    _write_sweep(rows)
+    _write_reference(rows, results)
+    _write_sweep(rows, results)
     fields = ["label", "calibration", "nsamples", "windows", "perplexity", "bits_per_weight", "quant_seconds",
               "eval_seconds"]
-    tmp = os.path.join(RESULTS, "ablation.csv.tmp")
+    tmp = os.path.join(results, "ablation.csv.tmp")
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(fields)
@@ -167,8 +183,8 @@ def report() -> None:
             w.writerow([r["label"], r["calibration"] or "-", (r["recipe"] or {}).get("nsamples", "-") if r["calibration"] else "-",
                         r["windows"], f"{r['perplexity']:.4f}", f"{r['bits_per_weight']:.4f}",
                         f"{r['quant_seconds']:.1f}", f"{r['eval_seconds']:.1f}"])
-    os.replace(tmp, os.path.join(RESULTS, "ablation.csv"))
-    _plot(rows)
+    os.replace(tmp, os.path.join(results, "ablation.csv"))
+    _plot(rows, results)
 
 
 def reruns(key: str) -> dict[str, float]:
@@ -185,12 +201,12 @@ def _find(rows, fields, calib, windows):
         if r["windows"] != windows or r["calibration"] != calib or (rec is None) != (fields is None):
             continue
         if rec is None or all(rec.get(k) == v for k, v in {"nsamples": 128, "act_order": False, "mse": False,
-                                                            "nearest": False, **fields}.items()):
+                                                            "nearest": False, **METHOD_DEFAULTS, **fields}.items()):
             return r
     return None
 
 
-def _write_reference(rows) -> None:
+def _write_reference(rows, results: str) -> None:
     lines = ["# SmolLM2-135M-Instruct on WikiText-2 (first 128 windows of 512): ours vs the reference", "",
              "Reference: `../shared/reference/gptq-smollm2.md` (IST-DASLab GPTQ in PyTorch). Ours: "
              "`experiments/ablation.py --grid=reference`, 128 calibration windows of 512, seed 0.", "",
@@ -218,22 +234,24 @@ def _write_reference(rows) -> None:
         r = _find(rows, fields, calib, 128)
         if r is None:
             continue
-        base = _find(rows, {k: v for k, v in fields.items() if k not in ("act_order", "mse", "nsamples")}, calib, 128)
+        base_fields = {k: v for k, v in fields.items() if k not in BEYOND_FIELDS}
+        base = _find(rows, base_fields, calib if QuantRecipe(**base_fields).calibrated else None, 128)
         runs = [base["perplexity"], *reruns(base["key"]).values()] if base else []
         baseline = f"{np.mean(runs):.2f} ({min(runs):.2f} - {max(runs):.2f})" if runs else "-"
         lines.append(f"| {QuantRecipe(**fields).describe()} | {calib or '-'} | "
                      f"{fields.get('nsamples', 128) if calib else '-'} | {r['perplexity']:.2f} | {baseline} |")
-    _write(os.path.join(RESULTS, "reference.md"), "\n".join(lines) + "\n")
+    _write(os.path.join(results, "reference.md"), "\n".join(lines) + "\n")
 
 
-def _write_sweep(rows) -> None:
+def _write_sweep(rows, results: str) -> None:
     """sweep.md: perplexity per bits x groupsize, RTN against GPTQ with and without act-order, for every
     evaluation size that has sweep cells (cells with default mse/sym)."""
     lines = ["# SmolLM2-135M-Instruct: bits x groupsize x method x act-order", "",
              "`experiments/ablation.py --grid=sweep`: WikiText-2 perplexity (first windows of 512 tokens), GPTQ "
              "calibrated on wiki-tail. Bits per weight count AutoGPTQ's storage: float16 scales, packed zeros, g_idx.", ""]
     plain = [r for r in rows if r["calibration"] in (None, "wiki-tail")
-             and (r["recipe"] is None or not (r["recipe"]["mse"] or r["recipe"]["sym"]))]
+             and (r["recipe"] is None or not any(r["recipe"][k] != v for k, v in
+                                                  {"mse": False, "sym": False, **METHOD_DEFAULTS}.items()))]
     for windows in sorted({r["windows"] for r in plain}, reverse=True):
         sel = [r for r in plain if r["windows"] == windows]
         samples = sorted({r["recipe"]["nsamples"] for r in sel if r["recipe"] and not r["recipe"]["nearest"]})
@@ -249,10 +267,10 @@ def _write_sweep(rows) -> None:
             bpw = next(r["bits_per_weight"] for key, r in found.items() if key[:2] == (bits, gs))
             lines.append(f"| {bits} | {'per-row' if gs == -1 else gs} | {bpw:.2f} | {' | '.join(ppl)} |")
         lines.append("")
-    _write(os.path.join(RESULTS, "sweep.md"), "\n".join(lines))
+    _write(os.path.join(results, "sweep.md"), "\n".join(lines))
 
 
-def _plot(rows) -> None:
+def _plot(rows, results: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -261,20 +279,18 @@ def _plot(rows) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for windows in sorted({r["windows"] for r in rows}):
         sel = [r for r in rows if r["windows"] == windows and r["recipe"] is not None]
-        for name, pick, marker in (("RTN", lambda r: r["recipe"]["nearest"], "o"),
-                                   ("GPTQ", lambda r: not r["recipe"]["nearest"] and not r["recipe"]["act_order"], "s"),
-                                   ("GPTQ act-order", lambda r: r["recipe"]["act_order"], "^")):
-            pts = sorted((r["bits_per_weight"], r["perplexity"]) for r in sel if pick(r))
-            if pts:
-                ax.scatter(*zip(*pts), marker=marker, label=f"{name} ({windows} windows)")
+        method = lambda r: QuantRecipe(**r["recipe"]).method
+        for name, marker in zip(sorted({method(r) for r in sel}), "os^DP*vXh<>"):
+            pts = sorted((r["bits_per_weight"], r["perplexity"]) for r in sel if method(r) == name)
+            ax.scatter(*zip(*pts), marker=marker, label=f"{name} ({windows} windows)")
     ax.set_xlabel("bits per weight (incl. fp16 scales, packed zeros, g_idx)")
     ax.set_ylabel("WikiText-2 perplexity")
     ax.set_yscale("log")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(os.path.join(RESULTS, "ablation.png.tmp.png"), dpi=120)
-    os.replace(os.path.join(RESULTS, "ablation.png.tmp.png"), os.path.join(RESULTS, "ablation.png"))
+    fig.savefig(os.path.join(results, "ablation.png.tmp.png"), dpi=120)
+    os.replace(os.path.join(results, "ablation.png.tmp.png"), os.path.join(results, "ablation.png"))
 
 
 def main() -> None:
@@ -284,13 +300,14 @@ def main() -> None:
     p.add_argument("--nsamples", type=int, default=128, help="GPTQ calibration windows of 512 tokens")
     p.add_argument("--only", type=int, nargs="*", help="indices of the grid's cells to run, in this order")
     p.add_argument("--report", action="store_true", help="only rebuild the tables and plot")
+    p.add_argument("--results", default=RESULTS, help="folder of the cells and tables (another one for a trial run)")
     args = p.parse_args()
-    os.makedirs(os.path.join(RESULTS, "cells"), exist_ok=True)
+    os.makedirs(os.path.join(args.results, "cells"), exist_ok=True)
     if not args.report:
         cells = cells_for(args.grid, args.windows, args.nsamples)
         for i in args.only if args.only is not None else range(len(cells)):
             cell = cells[i]
-            path = os.path.join(RESULTS, "cells", f"{cell.key}.json")
+            path = os.path.join(args.results, "cells", f"{cell.key}.json")
             if os.path.exists(path):
                 continue
             print(f"[{i + 1}/{len(cells)}] {cell.label()} {cell.calibration or ''}", flush=True)
@@ -298,8 +315,8 @@ def main() -> None:
             print(f"    perplexity {result['perplexity']:.3f} (quantize {result['quant_seconds']:.0f} s, "
                   f"eval {result['eval_seconds']:.0f} s)", flush=True)
             _write(path, json.dumps(result, indent=1))
-            report()
-    report()
+            report(args.results)
+    report(args.results)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ from pyllama_jax.quant.gptq import GPTQConfig, HessianAccumulator, gptq_quantize
 from pyllama_jax.quant.resume import resume_point, save_block
 from pyllama_jax.quant.rtn import QuantSpec, rtn_quantize
 from pyllama_jax.quant.signround import SignRoundConfig, signround_quantize
-from pyllama_jax.quant.taps import SEQUENTIAL, block_out, group_inputs, linear_inputs  # noqa: F401 (linear_inputs: public here)
+# linear_inputs: experiments/layer_error.py and benchmarks/gptq_speed.py import it from here
+from pyllama_jax.quant.taps import SEQUENTIAL, block_out, group_inputs, linear_inputs  # noqa: F401
 
 log = logging.getLogger(__name__)
 

@@ -55,12 +55,16 @@ class QuantRecipe:
     def gptq(self) -> GPTQConfig:
         return GPTQConfig(self.percdamp, self.blocksize, self.act_order)
 
-    def describe(self) -> str:
-        g = "per-row" if self.groupsize == -1 else f"g{self.groupsize}"
+    @property
+    def method(self) -> str:
+        """The rounding and what it adds, in words: `GPTQ act-order`, `RTN+AWQ+clip`, `SignRound-200`."""
         how = f"SignRound-{self.signround_steps}" if self.signround_steps else "RTN" if self.nearest else "GPTQ"
         how += ("+AWQ" if self.awq else "") + ("+clip" if self.awq_clip else "")
-        how += " act-order" if self.act_order and not self.nearest else ""
-        return f"{how} {self.wbits}-bit {g}" + (" sym" if self.sym else "") + (" mse" if self.mse else "")
+        return how + (" act-order" if self.act_order and not self.nearest else "")
+
+    def describe(self) -> str:
+        g = "per-row" if self.groupsize == -1 else f"g{self.groupsize}"
+        return f"{self.method} {self.wbits}-bit {g}" + (" sym" if self.sym else "") + (" mse" if self.mse else "")
 
 
 def recipe_from(q: Any) -> QuantRecipe:
