@@ -11,7 +11,7 @@ import pytest
 from pyllama_jax.data import alpaca
 from pyllama_jax.model.config import preset
 from pyllama_jax.model.llama import init_model
-from pyllama_jax.train.tiny import byte_tokenizer
+from pyllama_jax.convert.random_weights import byte_tokenizer
 
 TOK = byte_tokenizer()
 RECORDS = [

@@ -19,7 +19,7 @@ from pyllama_jax.convert.save import export_autogptq
 from pyllama_jax.model.packing import dequantize, pack, unpack_codes, unpack_zeros
 from pyllama_jax.model.qlinear import LAYER_LINEARS, get_module, quantized_linears
 from pyllama_jax.quant.rtn import QuantSpec, rtn_quantize
-from pyllama_jax.train.tiny import random_model
+from tests.models import random_model
 
 IDS = np.array([[1, 5, 9, 33, 100, 7, 200, 3, 64, 18]], np.int32)
 HF_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",

@@ -15,7 +15,7 @@ from pyllama_jax.model.packing import dequantize
 from pyllama_jax.model.qlinear import QuantLinear, QuantParam
 from pyllama_jax.quant.rtn import QuantSpec
 from pyllama_jax.train import lora
-from pyllama_jax.train.tiny import random_model
+from tests.models import random_model
 from pyllama_jax.train.trainer import OptimConfig, Trainer
 
 TARGETS = ("attn.q", "attn.v", "mlp.down")

@@ -58,7 +58,7 @@ def test_saved_checkpoint_is_reused_only_for_its_own_recipe(tmp_path):
     from pyllama_jax.convert import native
     from pyllama_jax.model.params import named_tensors
     from pyllama_jax.jobs.quantize import load_or_quantize, quant_config
-    from pyllama_jax.train.tiny import random_model
+    from tests.models import random_model
 
     source = random_model("random:tiny", 0)
     native.save(str(tmp_path / "dense"), source.config, named_tensors(source.module), source.tokenizer)

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 
 from pyllama_jax.data import alpaca
-from pyllama_jax.train.tiny import random_model
+from tests.models import random_model
 from pyllama_jax.train.trainer import OptimConfig, Trainer, masked_nll, optimizer, schedule
 
 EXAMPLES = [alpaca.Example("Add.", "2 3", "5"), alpaca.Example("Greet.", "", "hello"),

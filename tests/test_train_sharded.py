@@ -49,7 +49,7 @@ def main() -> None:
     from pyllama_jax.data import alpaca
     from pyllama_jax.sharding import mesh as pm
     from pyllama_jax.train import lora as lora_lib
-    from pyllama_jax.train.tiny import random_model
+    from tests.models import random_model
 
     assert jax.device_count() == 8
     examples = [alpaca.Example(f"Repeat {w}.", "", f"{w} {w}") for w in

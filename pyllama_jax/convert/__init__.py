@@ -13,16 +13,18 @@ from pyllama_jax.convert.names import EMBEDDED, embedded_path
 
 
 def open_checkpoint(path_or_name: str, **overrides: Any) -> Checkpoint:
-    """Open a `.gguf` file, an HF, Meta or native folder, an embedded model name, or a Hugging Face
-    Hub id (`owner/name`, see `hub.resolve`).
+    """Open a `.gguf` file, an HF, Meta or native folder, an embedded model name, a Hugging Face Hub
+    id (`owner/name`, see `hub.resolve`), or `random:<preset>` (random weights, see `random_weights.py`).
 
     `overrides` replace `ModelConfig` fields (e.g. `param_dtype`); `dtype`/`param_dtype="auto"`
     mean the dtype the checkpoint stores its weights in (see `stored_dtype`). A tokenizer with more
     tokens than the model's vocabulary is refused here, so every loader and converter checks it.
     """
     from pyllama_jax import tokenizer as tok
-    from pyllama_jax.convert import gguf, gptq, hf, hub, meta, native
+    from pyllama_jax.convert import gguf, gptq, hf, hub, meta, native, random_weights
 
+    if path_or_name.startswith(random_weights.PREFIX):
+        return random_weights.open_random(path_or_name, **_resolve_auto(overrides, lambda: "float32"))
     if path_or_name in EMBEDDED:
         path = embedded_path(path_or_name)
     elif hub.is_hub_id(path_or_name):
@@ -38,7 +40,8 @@ def open_checkpoint(path_or_name: str, **overrides: Any) -> Checkpoint:
     elif not os.path.exists(path):
         raise FileNotFoundError(f"no model at {path!r}: expected a .gguf file, a Hugging Face folder "
                                 f"(config.json), a GPTQ folder (quantize_config.json), a Meta folder (params.json + "
-                                f"consolidated.*.pth), a native checkpoint ({native.MANIFEST}), or one of {sorted(EMBEDDED)}")
+                                f"consolidated.*.pth), a native checkpoint ({native.MANIFEST}), one of {sorted(EMBEDDED)}, "
+                                "or random:<preset>")
     else:
         fmt = next((f for f in (native, gptq, hf, meta) if f.detect(path)), None)
         if fmt is None:

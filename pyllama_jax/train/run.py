@@ -9,14 +9,12 @@ import ml_collections
 from jax.sharding import Mesh
 
 import pyllama_jax as pj
-from pyllama_jax.api import quantize
 from pyllama_jax.convert import hf, meta, native
 from pyllama_jax.data import alpaca
 from pyllama_jax.model.params import named_tensors
-from pyllama_jax.quant.recipe import recipe_from
 from pyllama_jax.sharding import mesh as mesh_lib
 from pyllama_jax.model import place
-from pyllama_jax.train import lora, tiny
+from pyllama_jax.train import lora
 from pyllama_jax.sections import from_section
 from pyllama_jax.train.loop import LoopConfig, fit, resumable
 from pyllama_jax.train.trainer import OptimConfig, Trainer
@@ -44,16 +42,13 @@ RESUMABLE_FIELDS = frozenset(f.name for cls in TRAIN_SECTION for f in dataclasse
 
 
 def load_model(c: ml_collections.ConfigDict, mesh: Mesh | None) -> pj.Model:
-    """The job's model: `pj.load_from_config` (dense; or, for QLoRA, quantized: a saved quantized
-    checkpoint or quantized now), or `random:<preset>` (quantized too when `quant.wbits > 0`)."""
+    """The job's model: `pj.load_from_config` (dense, `random:<preset>` included; or, for QLoRA,
+    quantized: a saved quantized checkpoint or quantized now)."""
     if not c.train.lora and (c.quant.wbits or c.quant.load):
         raise ValueError(f"quant.wbits={c.quant.wbits} / quant.load={c.quant.load!r} with "
                          "train.lora=False: packed quantized weights cannot be fully fine-tuned; set "
                          "train.lora=True (QLoRA) or quant.wbits=0")
-    if not c.model.startswith(tiny.PREFIX):
-        return pj.load_from_config(c, mesh)
-    loaded = tiny.random_model(c.model, c.train.seed, dtype=c.dtype, param_dtype=c.param_dtype)
-    return quantize(loaded, recipe_from(c.quant)) if c.quant.wbits else loaded
+    return pj.load_from_config(c, mesh)
 
 
 def run_config(c: ml_collections.ConfigDict) -> dict[str, Any]:

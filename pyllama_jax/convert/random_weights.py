@@ -1,11 +1,15 @@
-"""Random-weight models with a byte-level tokenizer: `model = "random:tiny"` in a config, for
-smoke tests, tests and experiments that need no checkpoint."""
+"""`random:<preset>` names: a preset's shapes (`pyllama_jax.model.config.PRESETS`) with random weights
+and a byte-level tokenizer, for smoke tests and experiments that need no checkpoint
+(`pj.load("random:tiny")`, `model = "random:tiny"` in a job config)."""
 from __future__ import annotations
 
+from typing import Any
+
 from pyllama_jax import tokenizer as tok
-from pyllama_jax.api import Model
+from pyllama_jax.convert.checkpoint import Checkpoint
 from pyllama_jax.model.config import preset
 from pyllama_jax.model.llama import init_model
+from pyllama_jax.model.params import named_tensors
 
 PREFIX = "random:"
 
@@ -22,8 +26,9 @@ def byte_tokenizer() -> tok.Tokenizer:
     return tok.Tokenizer(backend, "hf", None, len(alphabet), add_bos=False, source="bytes")
 
 
-def random_model(name: str, seed: int = 0, **changes) -> Model:
-    """`random:<preset>` with random weights; its vocabulary defaults to the byte tokenizer's."""
+def open_random(name: str, seed: int = 0, **overrides: Any) -> Checkpoint:
+    """`random:<preset>` as a checkpoint: the preset with `overrides` (its vocabulary defaults to the
+    byte tokenizer's), weights drawn from `seed` (normal, std 0.02)."""
     tokenizer = byte_tokenizer()
-    config = preset(name.removeprefix(PREFIX), **{"vocab_size": tokenizer.vocab_size, **changes})
-    return Model(init_model(config, seed), tokenizer, name)
+    config = preset(name.removeprefix(PREFIX), **{"vocab_size": tokenizer.vocab_size, **overrides})
+    return Checkpoint(config, named_tensors(init_model(config, seed)), tokenizer, name)
