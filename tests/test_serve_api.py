@@ -190,7 +190,7 @@ def test_api_key(server, client):
 def _open_request(server, stream: bool) -> socket.socket:
     """A long request sent over a raw socket that we can drop without reading."""
     url = urllib.parse.urlparse(server.url)
-    body = json.dumps({"model": M, "prompt": PROMPT, "max_tokens": 100, "ignore_eos": True, "stream": stream}).encode()
+    body = json.dumps({"model": M, "prompt": PROMPT, "max_tokens": 480, "ignore_eos": True, "stream": stream}).encode()
     s = socket.create_connection((url.hostname, url.port), timeout=30)
     s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
               + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
@@ -212,9 +212,9 @@ def test_queue_full_then_disconnects_free_slots(server, client):
         for s in socks:
             s.close()
     start = time.monotonic()
-    h = wait_until(server, lambda h: h["active"] == 0 and h["queued"] == 0, 10)
+    h = wait_until(server, lambda h: h["active"] == 0 and h["queued"] == 0, 30)
     assert (h["active"], h["queued"]) == (0, 0), h
-    assert time.monotonic() - start < 5
+    assert time.monotonic() - start < 20  # serving them out: two waves of 480 decode steps, about a minute
     assert client.completions.create(model=M, prompt="hi", max_tokens=2).usage.completion_tokens == 2
 
 
