@@ -48,15 +48,21 @@ def test_conversation_keeps_history(chat, smollm2):
 
 
 def test_ctrl_c_stops_a_streaming_reply_then_reset(chat):
-    chat.sendline("/reset")
-    chat.expect(r"\[new conversation\]")
-    chat.expect(">>> ")
-    chat.sendline("Write a long story about a dragon who learns to paint.")
-    chat.expect(r"dragon who learns to paint\.\r\n")
-    chat.expect(r"\w+ \w+ \w+")  # the reply is streaming: words are on the screen, the reply is not over
-    chat.sendintr()
-    chat.expect(STATS)
-    tokens, reason = int(chat.match.group(1)), chat.match.group(2)
+    """Ctrl-C while a reply streams ends that reply and keeps the chat. On a busy machine this test's
+    own process may see the first words late, after the reply has run to its token limit: then the
+    attempt shows nothing about Ctrl-C, and another is made (three at most)."""
+    for _ in range(3):
+        chat.sendline("/reset")
+        chat.expect(r"\[new conversation\]")
+        chat.expect(">>> ")
+        chat.sendline("Write a long story about a dragon who learns to paint.")
+        chat.expect(r"dragon who learns to paint\.\r\n")
+        chat.expect(r"\w+ \w+ \w+")  # the reply is streaming: words are on the screen
+        chat.sendintr()
+        chat.expect(STATS)
+        tokens, reason = int(chat.match.group(1)), chat.match.group(2)
+        if reason != "length":
+            break
     assert reason == "interrupted" and 0 < tokens < MAX_TOKENS
     chat.expect(">>> ")
     chat.sendline("/quit")
