@@ -7,6 +7,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from pyllama_jax.convert.checkpoint import NameMap
+from pyllama_jax.convert.gguf_format import GGUFContainer
 from pyllama_jax.model.config import ModelConfig, RopeScaling
 from pyllama_jax.model.llama import rope_frequencies
 from pyllama_jax.model.params import permute_rope
@@ -24,17 +25,11 @@ class GGUFFile:
     """A memory-mapped GGUF file with its metadata as plain Python values."""
 
     def __init__(self, path: str | os.PathLike):
-        import gguf
-
         self.path = str(path)
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"GGUF file not found: {self.path}")
-        try:
-            self.reader = gguf.GGUFReader(self.path)
-        except Exception as e:  # the gguf package raises assorted errors on damaged files
-            raise ValueError(f"{self.path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
-        self.fields: dict[str, Any] = {k: f.contents() for k, f in self.reader.fields.items()
-                                       if not k.startswith("GGUF.")}
+        self.container = GGUFContainer(self.path)
+        self.fields: dict[str, Any] = self.container.fields
         arch = self.fields.get("general.architecture")
         if arch != "llama":
             raise ValueError(f"{self.path}: general.architecture is {arch!r}, expected 'llama'")
@@ -50,12 +45,12 @@ class GGUFFile:
     def stored_dtype(self) -> str:
         """The float type of the token embedding (F32/F16/BF16); float32 for quantized ones, which
         are dequantized to float32."""
-        embed = next((t for t in self.reader.tensors if t.name == "token_embd.weight"), None)
-        kind = embed.tensor_type.name if embed is not None else "F32"
+        embed = next((t for t in self.container.tensors if t.name == "token_embd.weight"), None)
+        kind = embed.type_name if embed is not None else "F32"
         return {"F16": "float16", "BF16": "bfloat16"}.get(kind, "float32")
 
     def config(self, **overrides: Any) -> ModelConfig:
-        names = {t.name for t in self.reader.tensors}
+        names = {t.name for t in self.container.tensors}
         n_heads = int(self.require("llama.attention.head_count"))
         cfg = dict(
             vocab_size=int(self.get("llama.vocab_size", len(self.require("tokenizer.ggml.tokens")))),
@@ -78,10 +73,8 @@ class GGUFFile:
         """LLaMA-3.1's scaling from `rope_freqs.weight` (the factors llama.cpp divides each frequency by):
         `factor` is their largest, the rest LLaMA-3.1's (low 1, high 4, original context 8192 unless
         `llama.rope.scaling.original_context_length` says), checked against every factor."""
-        from gguf.quants import dequantize
-
-        t = next(t for t in self.reader.tensors if t.name == "rope_freqs.weight")
-        factors = dequantize(t.data, t.tensor_type).astype(np.float64).reshape(-1)
+        t = next(t for t in self.container.tensors if t.name == "rope_freqs.weight")
+        factors = self.container.tensor(t).astype(np.float64).reshape(-1)
         if factors.shape != (config.head_dim // 2,):
             raise ValueError(f"{self.path}: rope_freqs.weight has {factors.size} values, expected head_dim/2="
                              f"{config.head_dim // 2}")
@@ -98,20 +91,17 @@ class GGUFFile:
 
     def tensors(self, config: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
         """Our named tensors, dequantized to float32 one at a time, q/k permuted to half-split."""
-        from gguf.quants import dequantize
-
-        for t in self.reader.tensors:
+        for t in self.container.tensors:
             name = NAMES.ours(t.name)
             if t.name == "rope_freqs.weight":
                 continue  # read into config.rope_scaling
             if name is None:
                 raise ValueError(f"{self.path}: unexpected tensor {t.name!r} in a llama GGUF file")
             try:
-                w = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+                w = self.container.tensor(t)
             except NotImplementedError as e:
-                raise ValueError(f"{self.path}: tensor {t.name!r} uses {t.tensor_type.name}, which "
+                raise ValueError(f"{self.path}: tensor {t.name!r} uses {t.type_name}, which "
                                  "cannot be dequantized here") from e
-            w = w.reshape(tuple(int(d) for d in reversed(t.shape)))  # GGML lists dims innermost first
             if name.endswith("attn.q.kernel"):
                 w = permute_rope(w, config.n_heads, to_half_split=True)
             elif name.endswith("attn.k.kernel"):
