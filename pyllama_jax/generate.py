@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import itertools
 import time
 from typing import Any, Callable, Iterator, Sequence
@@ -141,19 +142,27 @@ class Generator:
         self.tokenizer = tokenizer
         self.mesh = mesh
         w, r = state_shardings(self.state, mesh), replicated(mesh)  # the cache keeps its own sharding
-        self._prefill = place.jit(self._prefill_fn, mesh, (w, r, r, None, r, r, r, r), (r, None), (3,))
-        self._decode = place.jit(self._decode_fn, mesh, (w, None, r, r, r, r, r, r), (r, None), (1,))
+        # Two pairs of programs, the greedy one without the sampler: sorting and drawing over the
+        # vocabulary nearly doubles a decode step's compile time, and most runs are greedy.
+        self._prefill = {greedy: place.jit(functools.partial(self._prefill_fn, greedy=greedy), mesh,
+                                           (w, r, r, None, r, r, r, r), (r, None), (3,)) for greedy in (False, True)}
+        self._decode = {greedy: place.jit(functools.partial(self._decode_fn, greedy=greedy), mesh,
+                                          (w, None, r, r, r, r, r, r), (r, None), (1,)) for greedy in (False, True)}
 
-    def _prefill_fn(self, state, tokens, lengths, cache, key, temperature, top_k, top_p):
+    @staticmethod
+    def _pick(logits, key, temperature, top_k, top_p, greedy: bool) -> jax.Array:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32) if greedy else sample(logits, key, temperature, top_k, top_p)
+
+    def _prefill_fn(self, state, tokens, lengths, cache, key, temperature, top_k, top_p, *, greedy: bool):
         model = nnx.merge(self.graphdef, state)
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         logits, cache = model(tokens, positions, cache, logits_at=lengths - 1)
-        return sample(logits[:, 0], key, temperature, top_k, top_p), cache
+        return self._pick(logits[:, 0], key, temperature, top_k, top_p, greedy), cache
 
-    def _decode_fn(self, state, cache, tokens, positions, key, temperature, top_k, top_p):
+    def _decode_fn(self, state, cache, tokens, positions, key, temperature, top_k, top_p, *, greedy: bool):
         model = nnx.merge(self.graphdef, state)
         logits, cache = model(tokens[:, None], positions[:, None], cache)
-        return sample(logits[:, 0], key, temperature, top_k, top_p), cache
+        return self._pick(logits[:, 0], key, temperature, top_k, top_p, greedy), cache
 
     def encode_prompts(self, prompts: Sequence[str | Sequence[int]]) -> list[list[int]]:
         ids = [self.tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
@@ -198,12 +207,13 @@ class Generator:
         knobs = (jnp.full((b,), sampling.temperature, jnp.float32), jnp.full((b,), sampling.top_k, jnp.int32),
                  jnp.full((b,), sampling.top_p, jnp.float32))
         key, sub = jax.random.split(jax.random.key(sampling.seed))
+        greedy = sampling.temperature <= 0
 
         def prefill() -> tuple[np.ndarray, Any, float, float]:
             """A timed prefill on a fresh cache: next tokens, the cache, seconds and compile seconds in them."""
             cache = place.create_cache(self.config, b, cache_len, self.mesh)
             start = time.time()  # the clock of JAX's compile events
-            nxt, cache = self._prefill(self.state, jnp.asarray(tokens), jnp.asarray(lengths), cache, sub, *knobs)
+            nxt, cache = self._prefill[greedy](self.state, jnp.asarray(tokens), jnp.asarray(lengths), cache, sub, *knobs)
             nxt_host = np.asarray(nxt)
             end = time.time()
             return nxt_host, cache, end - start, compile_seconds(start, end)
@@ -235,7 +245,7 @@ class Generator:
                 return
             key, sub = jax.random.split(key)
             start = time.time()
-            nxt, cache = self._decode(self.state, cache, jnp.asarray(nxt_host), jnp.asarray(positions), sub, *knobs)
+            nxt, cache = self._decode[greedy](self.state, cache, jnp.asarray(nxt_host), jnp.asarray(positions), sub, *knobs)
             nxt_host = np.asarray(nxt)
             seconds = time.time() - start
             calls += 1

@@ -7,6 +7,7 @@ Every parameter carries `logical_axes` metadata that `pyllama_jax.sharding.rules
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -254,5 +255,11 @@ def init_model(config: ModelConfig, seed: int = 0) -> Llama:
 
 
 def abstract_model(config: ModelConfig) -> Llama:
-    """The model's structure with shapes only, no memory: the target a loader fills in."""
-    return nnx.eval_shape(lambda: Llama(config, nnx.Rngs(0)))
+    """The model's structure with shapes only, no memory: the target a loader fills in. A new module
+    each call (loaders fill it in place); tracing it takes seconds, so that is done once per config."""
+    return nnx.merge(*_abstract_parts(config), copy=True)
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_parts(config: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    return nnx.split(nnx.eval_shape(lambda: Llama(config, nnx.Rngs(0))))
