@@ -37,7 +37,7 @@ setup(
     extras_require={
         # PyTorch-side peers: checkpoint .pth/.bin reading, HF parity tests, benchmarks.
         "torch": ["torch>=2.6"],
-        "test": ["pytest>=8", "transformers>=5.0", "accelerate>=1.0", "datasets>=3.0", "openai>=1.0",
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "transformers>=5.0", "accelerate>=1.0", "datasets>=3.0", "openai>=1.0",
                  "playwright>=1.40", "pexpect>=4.8",  # web chat in Debian's chromium; terminal chat in a pty
                  "lm_eval[api]>=0.4"],
         "eval": ["lm_eval[api]>=0.4"],  # lm-evaluation-harness: python -m pyllama_jax.eval.harness

@@ -84,3 +84,14 @@ def logits_of():
         return np.asarray(compiled[graphdef](state, ids, mask))
 
     return run
+
+
+# The files that take longest (a minute or more each, measured), run first: with the files split over
+# two processes (README's test command), a long file started last would finish alone.
+SLOW_FIRST = ("test_readme.py", "test_serve_api.py", "test_chat_cli.py", "test_web_chat.py", "test_sharding.py",
+              "test_lm_eval.py", "test_cpu_kernels.py", "test_model.py", "test_calibrate.py", "test_export.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable: file order kept otherwise

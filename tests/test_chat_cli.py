@@ -9,6 +9,7 @@ import pexpect
 import pytest
 
 from pyllama_jax.serve.process import REPO
+from tests.signals import default_sigint
 
 MAX_TOKENS = 160
 STATS = r"\[(\d+) tokens, [\d.]+ tokens/s, (stop|length|interrupted)\]"
@@ -22,9 +23,9 @@ def chat():
     child = pexpect.spawn(sys.executable, [os.path.join(REPO, "scripts", "chat.py"),
                                            f"--config={os.path.join(REPO, 'configs', 'smollm2_135m.py')}",
                                            f"--config.sampling.max_new_tokens={MAX_TOKENS}",
-                                           "--config.serve.context=512"],
+                                           "--config.serve.context=256"],
                           cwd=REPO, env={**os.environ, "JAX_COMPILATION_CACHE_DIR": XLA_CACHE, "TERM": "dumb"}, encoding="utf-8",
-                          timeout=600, dimensions=(50, 200))
+                          timeout=600, dimensions=(50, 200), preexec_fn=default_sigint)
     child.expect(">>> ")
     yield child
     child.close(force=True)

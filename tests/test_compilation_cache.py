@@ -19,7 +19,13 @@ def count(name, **_):
 jax.monitoring.register_event_listener(count)
 out = {"dir": jax.config.jax_compilation_cache_dir}
 if sys.argv[1] == "generate":
-    m = pyllama_jax.load("smollm2-135m", dtype="bfloat16", param_dtype="bfloat16")
+    # Random weights of a tiny model: what is cached (the programs, the kernels' custom calls) does not depend
+    # on real weights, and its bf16 decode goes through the CPU kernel as SmolLM2's does (asserted below).
+    import jax.numpy as jnp
+    from pyllama_jax.kernels import cpu
+    m = pyllama_jax.load("random:tiny", dtype="bfloat16", param_dtype="bfloat16")
+    x = jnp.zeros((1, 1, m.config.dim), jnp.bfloat16)
+    out["kernel"] = cpu.applies(x, jnp.bfloat16)
     out["tokens"] = m.generate("The capital of France is", max_new_tokens=6, temperature=0.0).tokens[0]
 out.update(counts)
 print(json.dumps(out))
@@ -48,4 +54,5 @@ def test_a_cached_program_generates_what_a_compiled_one_does(tmp_path):
     assert cold["misses"] > 0 and cold["hits"] == 0
     assert warm["hits"] >= cold["misses"] and warm["misses"] == 0
     assert uncached["hits"] == uncached["misses"] == 0
+    assert cold["kernel"] and warm["kernel"] and uncached["kernel"]  # decode's matmuls are the kernel's custom call
     assert warm["tokens"] == cold["tokens"] == uncached["tokens"]

@@ -106,16 +106,20 @@ def test_bf16_decode_matches_xla(smollm2_bf16_weights, monkeypatch):
     assert fast == slow
 
 
-def test_quantized_decode_matches_xla(monkeypatch):
+def test_quantized_decode_matches_xla(smollm2, monkeypatch):
     """A 4-bit g128 RTN model (float32 compute): greedy tokens through the packed kernel equal the
     dequantize-then-dot path's."""
+    from flax import nnx
+
     import pyllama_jax as pj
     from pyllama_jax.quant.calibrate import quantize_rtn
     from pyllama_jax.quant.recipe import QuantRecipe
 
-    m = pj.load("smollm2-135m")
+    m = smollm2
     recipe = QuantRecipe(wbits=4, groupsize=128, nearest=True)
-    module = quantize_rtn(m.module, recipe.spec)  # in place: `m` is this test's own load
+    # RTN replaces linears in place: on a new module tree over the session model's arrays, not on it
+    module = quantize_rtn(nnx.merge(*nnx.split(m.module)), recipe.spec)
+    assert type(m.module.layers[0].attn.q).__name__ != type(module.layers[0].attn.q).__name__
     prompt = "Once upon a time"
     fast = _greedy(pj.Model(module, m.tokenizer), prompt)
     slow = _without_kernels(monkeypatch, lambda: _greedy(pj.Model(module, m.tokenizer), prompt))

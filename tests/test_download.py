@@ -26,6 +26,7 @@ from urllib.parse import unquote, urlsplit
 import pytest
 
 from pyllama_jax import download as dl
+from tests.signals import default_sigint, sigint_state
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(timeout=1.0, retries=3, backoff=0.05, workers=3, progress=False)  # bounded: no test can hang
@@ -331,11 +332,15 @@ def test_ctrl_c_exits_without_waiting_for_the_read_timeout(server: FakeServer, t
     proc = subprocess.Popen([sys.executable, "-m", "pyllama_jax.download", "--model_size", "7B", "--folder",
                              str(tmp_path), "--url", server.url, "--quiet", "--timeout", "300"],
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     try:
         assert server.stalling.wait(120), "the download never reached the stalled file"
+        state = sigint_state(proc.pid)
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=150)  # half the 300 s read timeout: generous on a busy machine
+        try:
+            _, err = proc.communicate(timeout=150)  # half the 300 s read timeout: generous on a busy machine
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"no exit 150 s after Ctrl-C; before it, the child's {state}") from None
     finally:
         proc.kill()
         proc.wait(10)

@@ -51,9 +51,10 @@ def test_temperature_zero_is_argmax_per_row():
 
 
 def test_seeded_sampling_is_reproducible(smollm2):
-    a = smollm2.generate("Write a poem about the sea.", chat=True, max_new_tokens=12, temperature=0.9,
+    # 37 prompt tokens + 32 new: the programs (batch 1, prompt bucket 64, cache 128) of the chat below
+    a = smollm2.generate("Write a poem about the sea.", chat=True, max_new_tokens=32, temperature=0.9,
                          top_p=0.9, seed=7)
-    b = smollm2.generate("Write a poem about the sea.", chat=True, max_new_tokens=12, temperature=0.9,
+    b = smollm2.generate("Write a poem about the sea.", chat=True, max_new_tokens=32, temperature=0.9,
                          top_p=0.9, seed=7)
     assert a.tokens == b.tokens
 
@@ -81,7 +82,8 @@ def test_generation_compiles_once_per_bucket():
     for length in (12, 13, 15, 16):  # one prompt bucket (16) and one cache bucket (32)
         gen.generate([list(range(1, length + 1))], cfg)
     gen.generate([[1, 2], list(range(1, 15))], cfg)  # batch 2: one more program each
-    assert gen._prefill._cache_size() == 2 and gen._decode._cache_size() == 2
+    assert gen._prefill[True]._cache_size() == 2 and gen._decode[True]._cache_size() == 2  # the greedy programs
+    assert gen._prefill[False]._cache_size() == 0 and gen._decode[False]._cache_size() == 0  # no sampler compiled
     assert [pow2(n, MIN_BUCKET, 256) for n in (1, 16, 17, 200, 300)] == [16, 16, 32, 256, 256]
 
 

@@ -135,15 +135,21 @@ def test_tiny_random_model_matches_transformers(rope_scaling, tie):
 
 
 def test_kv_cache_decode_equals_full_forward():
+    import jax
+    from flax import nnx
+
     model = init_model(preset("tiny"), seed=3)
+    graphdef, state = nnx.split(model)
+    # jitted (eager dispatch of every op took most of this test's time): full forward, prefill, one step
+    run = jax.jit(lambda s, ids, pos, cache: nnx.merge(graphdef, s)(ids, pos, cache))
     ids = np.random.default_rng(2).integers(0, 256, (2, 20)).astype(np.int32)
-    full, _ = model(ids)
+    full, _ = jax.jit(lambda s, ids: nnx.merge(graphdef, s)(ids))(state, ids)
     cache = KVCache.create(model.config, 2, 32)
     pos = np.broadcast_to(np.arange(12), (2, 12))
-    step, cache = model(ids[:, :12], pos, cache)
+    step, cache = run(state, ids[:, :12], pos, cache)
     outs = [step]
     for t in range(12, 20):
-        step, cache = model(ids[:, t:t + 1], np.full((2, 1), t), cache)
+        step, cache = run(state, ids[:, t:t + 1], np.full((2, 1), t), cache)
         outs.append(step)
     np.testing.assert_allclose(np.concatenate([np.asarray(o) for o in outs], 1), np.asarray(full),
                                atol=1e-5, rtol=1e-5)

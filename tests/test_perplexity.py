@@ -42,13 +42,6 @@ def test_benchmark_check_equals_window_perplexity():
     assert result.median_seconds_per_token > 0
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    import pyllama_jax as pj
-
-    return pj.load("smollm2-135m")
-
-
 def test_calibration_windows_reproduce_reference_starts(smollm2):
     ids = corpus_ids(smollm2.tokenizer, NOVEL)
     calib = calibration_windows(ids, 16, 512, seed=0)
@@ -73,18 +66,17 @@ def _torch_rtn(weight, bits, groupsize):
     return out
 
 
-def test_fp32_and_rtn_perplexity_match_hf_transformers(smollm2):
-    """First 2 windows of 256 tokens of WikiText-2 test; ours vs transformers on the same GGUF weights."""
+def test_fp32_and_rtn_perplexity_match_hf_transformers(smollm2, hf_smollm2):
+    """First 2 windows of 256 tokens of WikiText-2 test; ours vs transformers on the same GGUF weights
+    (the session's models; both are quantized below, so each on its own copy)."""
+    import copy
+
     import torch
-    from transformers import AutoModelForCausalLM
+    from flax import nnx
 
-    from pyllama_jax.convert.names import embedded_path
-
-    path = embedded_path("smollm2-135m")
     windows = eval_windows(corpus_ids(smollm2.tokenizer, WIKI), 256, 2)
     assert windows[0, :8].tolist() == [446, 6356, 389, 9226, 352, 446, 3717, 6356]
-    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                              torch_dtype=torch.float32).eval()
+    hf = copy.deepcopy(hf_smollm2)  # its weights are overwritten in place below
 
     def hf_ppl():
         with torch.no_grad():
@@ -102,7 +94,9 @@ def test_fp32_and_rtn_perplexity_match_hf_transformers(smollm2):
             for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
                         layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
                 lin.weight.copy_(_torch_rtn(lin.weight, 3, 128))
-    quantize_rtn(smollm2.module, QuantSpec(bits=3, groupsize=128))
-    rtn = np.exp(window_nlls(smollm2.module, windows, progress=False).mean())
+    # RTN replaces linears in place: on a new module tree over the session model's arrays, not on it
+    quantized = quantize_rtn(nnx.merge(*nnx.split(smollm2.module)), QuantSpec(bits=3, groupsize=128))
+    assert type(quantized.layers[0].attn.q) is not type(smollm2.module.layers[0].attn.q)
+    rtn = np.exp(window_nlls(quantized, windows, progress=False).mean())
     assert rtn > 1.1 * fp32.perplexity  # 3-bit RTN visibly hurts
     assert rtn == pytest.approx(hf_ppl(), rel=2e-3)

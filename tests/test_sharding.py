@@ -1,8 +1,10 @@
 """Sharded runs against single-device runs on 8 simulated CPU devices, and mesh/rules errors.
 
-XLA fixes the CPU device count when JAX starts, so each `case_*` runs in a fresh subprocess
-(`python tests/test_sharding.py NAME`) with `--xla_force_host_platform_device_count=8` (and
-LLVM optimisation off, which halves compile time; reference and sharded runs share the flags).
+XLA fixes the CPU device count when JAX starts, so the `case_*` functions run in a fresh subprocess
+(`python tests/test_sharding.py NAME[,NAME...]`) with `--xla_force_host_platform_device_count=8` (and
+LLVM optimisation off, which halves compile time; reference and sharded runs share the flags). All
+cases share one subprocess (one start-up instead of four); each runs in its own `try`, and each test
+asserts on its own case's section of the output.
 """
 from __future__ import annotations
 
@@ -28,16 +30,30 @@ QCONFIG = preset("tiny", dim=128, n_heads=8, n_kv_heads=8, hidden_dim=256, n_lay
 RTOL = 1e-5
 
 
-def run_case(name: str, timeout: int = 300) -> str:
-    """Run `case_<name>` in a subprocess with 8 CPU devices; fail with its output if it fails."""
+CASES = ("dense", "quantized", "bad_mesh", "smollm2")
+
+
+def run_cases(names: tuple[str, ...], timeout: int) -> subprocess.CompletedProcess:
+    """Run `case_<name>` for each name, in order, in one subprocess with 8 CPU devices."""
     flags = f"--xla_force_host_platform_device_count={N_DEVICES} --xla_backend_optimization_level=0"
     env = dict(os.environ, XLA_FLAGS=flags,
                JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), name], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, os.path.abspath(__file__), ",".join(names)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"case {name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def cases() -> subprocess.CompletedProcess:
+    return run_cases(CASES, timeout=300 * 3 + 400)
+
+
+def run_case(proc: subprocess.CompletedProcess, name: str) -> str:
+    """Case `name`'s section of the shared run's output; fail with it (and stderr) unless it passed."""
+    section = proc.stdout.split(f"==== case {name}\n", 1)[-1].split("\n==== case ", 1)[0]
+    assert f"==== passed {name}" in section, \
+        f"case {name} failed (rc {proc.returncode}):\n{section[-6000:]}\n{proc.stderr[-6000:]}"
+    return section
 
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:
@@ -162,22 +178,22 @@ def test_quantized_base_of_a_lora_adapter_shards_like_its_layer():
 
 # ---- tests on 8 simulated devices --------------------------------------------------------------
 
-def test_dense_logits_and_generation_match_single_device():
-    out = run_case("dense")
+def test_dense_logits_and_generation_match_single_device(cases):
+    out = run_case(cases, "dense")
     assert out.count("ok mesh") == len(MESHES), out
 
 
-def test_quantized_logits_and_generation_match_single_device():
-    out = run_case("quantized")
+def test_quantized_logits_and_generation_match_single_device(cases):
+    out = run_case(cases, "quantized")
     assert out.count("ok mesh") == len(MESHES), out
 
 
-def test_sharded_loading_rejects_a_mesh_that_does_not_divide_heads():
-    run_case("bad_mesh")
+def test_sharded_loading_rejects_a_mesh_that_does_not_divide_heads(cases):
+    run_case(cases, "bad_mesh")
 
 
-def test_real_model_sharded_matches_single_device():
-    assert "ok smollm2" in run_case("smollm2", timeout=400)
+def test_real_model_sharded_matches_single_device(cases):
+    assert "ok smollm2" in run_case(cases, "smollm2")
 
 
 # ---- the cases ----------------------------------------------------------------------------------
@@ -194,7 +210,7 @@ def _generate(gen, prompts, max_new_tokens: int = 12) -> list[list[int]]:
 
 
 def _check_cache_is_sharded(gen, config, mesh, shape: tuple[int, int, int]) -> None:
-    """Run the generator's own prefill and decode programs (as compiled by `_generate`: batch 8,
+    """Run the generator's own greedy prefill and decode programs (as compiled by `_generate`: batch 8,
     prompt bucket 16, cache 32) and inspect the cache they return."""
     import jax.numpy as jnp
 
@@ -204,8 +220,8 @@ def _check_cache_is_sharded(gen, config, mesh, shape: tuple[int, int, int]) -> N
     cache = place.create_cache(config, b, length, mesh)
     knobs = (jnp.zeros(b), jnp.zeros(b, jnp.int32), jnp.ones(b))
     tokens, lengths = jnp.ones((b, 16), jnp.int32), jnp.full((b,), 16, jnp.int32)
-    nxt, cache = gen._prefill(gen.state, tokens, lengths, cache, jax.random.key(0), *knobs)
-    nxt, cache = gen._decode(gen.state, cache, jnp.asarray(np.asarray(nxt)), lengths, jax.random.key(1), *knobs)
+    nxt, cache = gen._prefill[True](gen.state, tokens, lengths, cache, jax.random.key(0), *knobs)
+    nxt, cache = gen._decode[True](gen.state, cache, jnp.asarray(np.asarray(nxt)), lengths, jax.random.key(1), *knobs)
     data, fsdp, tensor = shape
     want = (b // (data * fsdp), length, config.kv_heads // tensor, config.head_dim)
     for arr in cache.k + cache.v:
@@ -337,4 +353,17 @@ def case_smollm2() -> None:
 
 
 if __name__ == "__main__":
-    globals()["case_" + sys.argv[1]]()
+    import traceback
+
+    failed = False
+    for case in sys.argv[1].split(","):
+        print(f"==== case {case}", flush=True)
+        try:
+            globals()["case_" + case]()
+        except BaseException:  # reported in this case's section; the next case still runs
+            traceback.print_exc(file=sys.stdout)
+            print(f"==== failed {case}", flush=True)
+            failed = True
+        else:
+            print(f"==== passed {case}", flush=True)
+    sys.exit(1 if failed else 0)
