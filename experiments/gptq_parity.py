@@ -7,10 +7,12 @@ the already partly quantized block, then the quantized block re-run to feed the 
 quantizes with `benchmarks/gptq_speed.torch_gptq`. Our side is a finished
 `experiments/ablation.py` GPTQ cell (its per-block checkpoints under `artifacts/ablation/`).
 For each block and linear we print the share of weights that differ and their relative
-difference; with `--eval` the PyTorch-quantized model's perplexity is measured as well.
+difference; with `--eval` the PyTorch-quantized model's perplexity is measured as well and saved,
+with its per-window NLLs, to `experiments/results/parity/`. Without `--cell` only the PyTorch side
+runs (`--bits`, `--groupsize`): a rerun for `gptq_equivalence.py`.
 
     PYLLAMA_DATA_DIR=../shared/data python experiments/gptq_parity.py --cell=37d1b6dd5cc7 --blocks=3
-    python experiments/gptq_parity.py --cell=37d1b6dd5cc7 --blocks=30 --eval --order-seed=1  # a PyTorch rerun
+    python experiments/gptq_parity.py --bits=3 --groupsize=128 --eval --order-seed=2  # a PyTorch rerun
 """
 from __future__ import annotations
 
@@ -56,6 +58,13 @@ def run_layer(layer, x: torch.Tensor, extra: dict) -> torch.Tensor:
     return torch.cat(outs)
 
 
+def codes_differing(a: np.ndarray, b: np.ndarray, bits: int) -> float:
+    """Share of weights `[out, in]` more than a tenth of a quantization step apart (one code apart is a
+    whole step; float16 scales move the same code by ~1e-3 of a step)."""
+    step = np.abs(b).max(axis=1, keepdims=True) / 2 ** bits
+    return float(np.mean(np.abs(a - b) > 0.1 * step))
+
+
 def hessians(layer, x: torch.Tensor, extra: dict, names) -> dict[str, torch.Tensor]:
     """GPTQ's `add_batch`: per-sample running average of `2 x x^T` over each linear's inputs."""
     hs = {n: [None, 0] for n in names}
@@ -76,10 +85,29 @@ def hessians(layer, x: torch.Tensor, extra: dict, names) -> dict[str, torch.Tens
     return {n: h for n, (h, _) in hs.items()}
 
 
+def save_run(bits: int, groupsize: int, args: argparse.Namespace, ppl: float, nlls: list[float],
+             quant_seconds: float) -> None:
+    """The PyTorch run's perplexity and per-window NLLs, as `parity/torch-<bits>bit-<g>-<calib>-<order>.json`."""
+    g = "row" if groupsize == -1 else f"g{groupsize}"
+    calib = {"wikitext-2-raw/wiki.test.raw@640000:": "wiki-tail"}.get(args.calibration, "custom")
+    order = "first" if args.order_seed is None else f"order{args.order_seed}"
+    folder = os.path.join(REPO, "experiments", "results", "parity")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"torch-{bits}bit-{g}-{calib}-{order}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump({"driver": "PyTorch (gptq_parity.py)", "bits": bits, "groupsize": groupsize,
+                   "calibration": args.calibration, "order_seed": args.order_seed, "blocks": args.blocks,
+                   "perplexity": ppl, "window_nlls": nlls, "quant_seconds": quant_seconds,
+                   "torch": torch.__version__}, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--cell", required=True, help="key of a finished GPTQ cell under artifacts/ablation/")
-    p.add_argument("--blocks", type=int, default=3, help="blocks to quantize and compare")
+    p.add_argument("--cell", help="key of a finished GPTQ cell under artifacts/ablation/ to compare with")
+    p.add_argument("--bits", type=int, help="without --cell: the PyTorch run's bits")
+    p.add_argument("--groupsize", type=int, default=128, help="without --cell: its groupsize (-1 per row)")
+    p.add_argument("--blocks", type=int, default=30, help="blocks to quantize (and compare)")
     p.add_argument("--calibration", default="wikitext-2-raw/wiki.test.raw@640000:")
     p.add_argument("--eval", action="store_true", help="also measure the PyTorch-quantized model's perplexity")
     p.add_argument("--order-seed", type=int, help="shuffle the calibration windows (a rerun that differs only in "
@@ -90,12 +118,17 @@ def main() -> None:
     from pyllama_jax.convert.save import load_quant_weights
     from pyllama_jax.model.packing import dequantize
 
-    folder = os.path.join(REPO, "artifacts", "ablation", args.cell)
-    settings = json.load(open(os.path.join(folder, "settings.json")))
-    bits, gs = settings["spec"]["bits"], settings["spec"]["groupsize"]
+    if args.cell is None and args.bits is None:
+        p.error("give --cell (compare with our run) or --bits (a PyTorch run only)")
     tok = pj.load("smollm2-135m").tokenizer
     calib = calibration_windows(corpus_ids(tok, os.path.join(data_dir(), args.calibration)), 128, 512, 0)
-    assert int(calib.astype(np.int64).sum()) == settings["calibration_checksum"], "other calibration windows"
+    if args.cell is not None:
+        folder = os.path.join(REPO, "artifacts", "ablation", args.cell)
+        settings = json.load(open(os.path.join(folder, "settings.json")))
+        bits, gs = settings["spec"]["bits"], settings["spec"]["groupsize"]
+        assert int(calib.astype(np.int64).sum()) == settings["calibration_checksum"], "other calibration windows"
+    else:
+        bits, gs = args.bits, args.groupsize
     if args.order_seed is not None:
         calib = calib[np.random.default_rng(args.order_seed).permutation(len(calib))]
     hf = hf_model()
@@ -105,24 +138,26 @@ def main() -> None:
         extra = {"attention_mask": None, "position_ids": pos,
                  "position_embeddings": hf.model.rotary_emb(x[:1], pos)}
         start = time.perf_counter()
-        print("| block | linear | weights differing | rel. diff |")
-        print("|---|---|---|---|")
+        if args.cell is not None:
+            print("| block | linear | weights differing | rel. diff |")
+            print("|---|---|---|---|")
         for i in range(args.blocks):
             layer = hf.model.layers[i]
-            ours = load_quant_weights(os.path.join(folder, f"block{i:03d}.safetensors"))
+            ours = load_quant_weights(os.path.join(folder, f"block{i:03d}.safetensors")) if args.cell else None
             for names in SEQUENTIAL:
                 hs = hessians(layer, x, extra, names)
                 for n in names:
                     lin = layer.get_submodule(n)
                     q = torch_gptq(lin.weight.data, hs[n], bits, gs)
                     lin.weight.data = q
+                    if ours is None:
+                        continue
                     mine = np.asarray(dequantize(ours[OURS[n]])).T
-                    diff = np.abs(mine - q.numpy())  # a code apart is ~range/maxq; float16 scales ~1e-3 of it
-                    step = np.abs(q.numpy()).max(axis=1, keepdims=True) / 2 ** bits
-                    print(f"| {i} | {n} | {np.mean(diff > 0.1 * step):.4%} | "
-                          f"{np.linalg.norm(diff) / np.linalg.norm(q.numpy()):.2e} |", flush=True)
+                    print(f"| {i} | {n} | {codes_differing(mine, q.numpy(), bits):.4%} | "
+                          f"{np.linalg.norm(mine - q.numpy()) / np.linalg.norm(q.numpy()):.2e} |", flush=True)
             x = run_layer(layer, x, extra)
-        print(f"PyTorch driver: {args.blocks} blocks quantized in {time.perf_counter() - start:.0f} s")
+        quant_seconds = time.perf_counter() - start
+        print(f"PyTorch driver: {args.blocks} blocks quantized in {quant_seconds:.0f} s")
         if args.eval:
             ids = corpus_ids(tok, os.path.join(data_dir(), "wikitext-2-raw/wiki.test.raw"))
             windows = torch.from_numpy(eval_windows(ids, 512, 128).astype(np.int64))
@@ -130,7 +165,9 @@ def main() -> None:
             for w in windows:
                 logits = hf(w[None]).logits[0, :-1]
                 nlls.append(torch.nn.functional.cross_entropy(logits, w[1:]).item())
-            print(f"perplexity of the PyTorch-quantized model ({args.blocks} blocks): {math.exp(np.mean(nlls)):.3f}")
+            ppl = math.exp(np.mean(nlls))
+            print(f"perplexity of the PyTorch-quantized model ({args.blocks} blocks, {len(nlls)} windows): {ppl:.3f}")
+            save_run(bits, gs, args, ppl, nlls, quant_seconds)
 
 
 if __name__ == "__main__":

@@ -87,6 +87,20 @@ def _settings(spec: QuantSpec, rounding: Rounding, awq: AWQConfig | None, calib:
             "calibration_shape": list(calib.shape), "calibration_checksum": int(np.asarray(calib, np.int64).sum())}
 
 
+def run_batched(stage: Callable, layer, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """`stage(layer, x)` over all samples of `x`, `batch_size` at a time; outputs gathered on the host."""
+    return np.concatenate([np.asarray(stage(layer, jnp.asarray(x[i:i + batch_size])))
+                           for i in range(0, len(x), batch_size)])
+
+
+def inputs_hessian(acts: np.ndarray, batch_size: int) -> jax.Array:
+    """GPTQ's Hessian of a linear's inputs `acts[n, t, in]`, accumulated `batch_size` samples at a time."""
+    acc = HessianAccumulator(acts.shape[-1])
+    for i in range(0, len(acts), batch_size):
+        acc.add(jnp.asarray(acts[i:i + batch_size]))
+    return acc.hessian()
+
+
 def quantize_calibrated(model: Llama, calib: np.ndarray, spec: QuantSpec, rounding: Rounding,
                         config: CalibrationConfig = CalibrationConfig(), awq: AWQConfig | None = None) -> Llama:
     """Quantize every block linear of `model` (in place) by `rounding` on calibration ids `calib[n, seqlen]`,
@@ -103,16 +117,6 @@ def quantize_calibrated(model: Llama, calib: np.ndarray, spec: QuantSpec, roundi
                                        .astype(model.config.compute_dtype)) for i in range(0, n, bs)])
     batches = [slice(i, i + bs) for i in range(0, n, bs)]
 
-    def run(stage, layer, x):
-        """`stage` over all samples, batch by batch; outputs gathered on the host."""
-        return np.concatenate([np.asarray(stage(layer, jnp.asarray(x[b]))) for b in batches])
-
-    def hessian(acts: np.ndarray) -> jax.Array:
-        acc = HessianAccumulator(acts.shape[-1])
-        for b in batches:
-            acc.add(jnp.asarray(acts[b]))
-        return acc.hessian()
-
     how = ("AWQ + " if awq is not None else "") + rounding.name
     for i in tqdm(range(start, model.config.n_layers), desc=f"{how} {spec.bits}-bit", unit="block",
                   initial=start, total=model.config.n_layers):
@@ -123,11 +127,11 @@ def quantize_calibrated(model: Llama, calib: np.ndarray, spec: QuantSpec, roundi
             for group, (_, alpha) in awq_prepass(layer, x, batches, spec, awq, f"layers.{i}").items():
                 log.info("layers.%d %s: AWQ alpha %.2f", i, group, alpha)
         for paths, group_input in zip(SEQUENTIAL, group_inputs):
-            h = hessian(run(group_input, layer, x)) if rounding.uses_inputs else None
+            h = inputs_hessian(run_batched(group_input, layer, x, bs), bs) if rounding.uses_inputs else None
             for path in paths:
                 replace_linear(layer, path, rounding.quantize(get_module(layer, path).kernel[...], h,
                                                               f"layers.{i}.{path}"))
-        x = run(block_out, layer, x)
+        x = run_batched(block_out, layer, x, bs)
         if config.resume_dir:
             save_block(config.resume_dir, i, layer, x)
     return model
