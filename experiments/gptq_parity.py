@@ -86,8 +86,11 @@ def hessians(layer, x: torch.Tensor, extra: dict, names) -> dict[str, torch.Tens
 
 
 def save_run(bits: int, groupsize: int, args: argparse.Namespace, ppl: float, nlls: list[float],
-             quant_seconds: float) -> None:
-    """The PyTorch run's perplexity and per-window NLLs, as `parity/torch-<bits>bit-<g>-<calib>-<order>.json`."""
+             quant_seconds: float, hf) -> None:
+    """The PyTorch run's perplexity and per-window NLLs, as `results/parity/torch-<bits>bit-<g>-<calib>-<order>.json`,
+    and its quantized linears (float32 `[in, out]`, our names) under `artifacts/parity/` for `cross_eval.py`."""
+    from safetensors.numpy import save_file
+
     g = "row" if groupsize == -1 else f"g{groupsize}"
     calib = {"wikitext-2-raw/wiki.test.raw@640000:": "wiki-tail"}.get(args.calibration, "custom")
     order = "first" if args.order_seed is None else f"order{args.order_seed}"
@@ -100,6 +103,13 @@ def save_run(bits: int, groupsize: int, args: argparse.Namespace, ppl: float, nl
                    "perplexity": ppl, "window_nlls": nlls, "quant_seconds": quant_seconds,
                    "torch": torch.__version__}, f, indent=1)
     os.replace(path + ".tmp", path)
+    weights = {f"layers.{i}.{OURS[n]}": hf.model.layers[i].get_submodule(n).weight.data.numpy().T.copy()
+               for i in range(args.blocks) for names in SEQUENTIAL for n in names}
+    artifacts = os.path.join(REPO, "artifacts", "parity")
+    os.makedirs(artifacts, exist_ok=True)
+    name = os.path.join(artifacts, os.path.basename(path).removesuffix(".json"))
+    save_file(weights, name + ".tmp")
+    os.replace(name + ".tmp", name + ".safetensors")
 
 
 def main() -> None:
@@ -167,7 +177,7 @@ def main() -> None:
                 nlls.append(torch.nn.functional.cross_entropy(logits, w[1:]).item())
             ppl = math.exp(np.mean(nlls))
             print(f"perplexity of the PyTorch-quantized model ({args.blocks} blocks, {len(nlls)} windows): {ppl:.3f}")
-            save_run(bits, gs, args, ppl, nlls, quant_seconds)
+            save_run(bits, gs, args, ppl, nlls, quant_seconds, hf)
 
 
 if __name__ == "__main__":
