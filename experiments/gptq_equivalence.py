@@ -55,7 +55,7 @@ def report() -> str:
     for label, key, prefix in SETTINGS:
         a, b = ours(key), theirs(prefix)
         if len(a) < 2 or len(b) < 2:
-            lines.append(f"| {label} | {len(a)} runs | {len(b)} runs | - | too few runs |")
+            lines.append(f"| {label} | {len(a)} run(s) | {len(b)} run(s) | - | too few runs |")
             continue
         (ma, sa), (mb, sb) = summary(list(a.values())), summary(list(b.values()))
         diff, se = ma - mb, float(np.hypot(sa, sb))
