@@ -58,6 +58,13 @@ def run_layer(layer, x: torch.Tensor, extra: dict) -> torch.Tensor:
     return torch.cat(outs)
 
 
+def first_block_inputs(hf, calib: np.ndarray) -> tuple[torch.Tensor, dict]:
+    """Block 0's inputs for calibration ids `calib[n, t]` and the keyword arguments every block takes."""
+    pos = torch.arange(calib.shape[1])[None]
+    x = hf.model.embed_tokens(torch.from_numpy(calib.astype(np.int64)))
+    return x, {"attention_mask": None, "position_ids": pos, "position_embeddings": hf.model.rotary_emb(x[:1], pos)}
+
+
 def codes_differing(a: np.ndarray, b: np.ndarray, bits: int) -> float:
     """Share of weights `[out, in]` more than a tenth of a quantization step apart (one code apart is a
     whole step; float16 scales move the same code by ~1e-3 of a step)."""
@@ -142,11 +149,8 @@ def main() -> None:
     if args.order_seed is not None:
         calib = calib[np.random.default_rng(args.order_seed).permutation(len(calib))]
     hf = hf_model()
-    pos = torch.arange(512)[None]
     with torch.no_grad():
-        x = hf.model.embed_tokens(torch.from_numpy(calib.astype(np.int64)))
-        extra = {"attention_mask": None, "position_ids": pos,
-                 "position_embeddings": hf.model.rotary_emb(x[:1], pos)}
+        x, extra = first_block_inputs(hf, calib)
         start = time.perf_counter()
         if args.cell is not None:
             print("| block | linear | weights differing | rel. diff |")

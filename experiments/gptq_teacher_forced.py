@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from gptq_parity import OURS, SEQUENTIAL, codes_differing, hessians, hf_model, run_layer, torch_gptq
+from gptq_parity import OURS, SEQUENTIAL, codes_differing, first_block_inputs, hessians, hf_model, run_layer, torch_gptq
 
 from pyllama_jax.data.text import calibration_windows, data_dir
 from pyllama_jax.eval.perplexity import corpus_ids
@@ -55,11 +55,9 @@ def compare(bits: int, groupsize: int, blocks: int, calibration: str) -> list[di
     ours = loaded.module
     calib = calibration_windows(corpus_ids(loaded.tokenizer, os.path.join(data_dir(), calibration)), 128, 512, 0)
     hf = hf_model()
-    pos = torch.arange(512)[None]
     rows = []
     with torch.no_grad():
-        x = hf.model.embed_tokens(torch.from_numpy(calib.astype(np.int64)))
-        extra = {"attention_mask": None, "position_ids": pos, "position_embeddings": hf.model.rotary_emb(x[:1], pos)}
+        x, extra = first_block_inputs(hf, calib)
         for i in range(blocks):
             start = time.perf_counter()
             layer, mine, x_np = hf.model.layers[i], ours.layers[i], x.numpy()
