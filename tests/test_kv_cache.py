@@ -66,13 +66,15 @@ def test_write_matches_numpy_and_drops_past_the_end(t):
     np.testing.assert_array_equal(np.asarray(got), want)
 
 
-def test_cache_write_is_in_place():
-    """A decode step's cache update writes into the donated cache: no scratch copy of it (each
-    row's write reads that row's old values, so one row's worth of scratch is the most)."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "int8"])
+@pytest.mark.parametrize("batch,t,tail", [(16, 1, (8, 64)), (2, 1, (8, 64)), (8, 16, (8, 64)), (8, 1, (8,))])
+def test_cache_write_is_in_place(dtype, batch, t, tail):
+    """A decode or prefill step's cache update writes into the donated cache: no scratch copy of it
+    (one row's worth of scratch at most), for every cache dtype and for the int8 cache's scales."""
     from pyllama_jax.model.kv_cache import write
 
-    cache = jax.ShapeDtypeStruct((16, 512, 8, 64), jnp.bfloat16)
-    new = jax.ShapeDtypeStruct((16, 1, 8, 64), jnp.bfloat16)
-    positions = jax.ShapeDtypeStruct((16, 1), jnp.int32)
+    cache = jax.ShapeDtypeStruct((batch, 512) + tail, dtype)
+    new = jax.ShapeDtypeStruct((batch, t) + tail, dtype)
+    positions = jax.ShapeDtypeStruct((batch, t), jnp.int32)
     memory = jax.jit(write, donate_argnums=0).lower(cache, new, positions).compile().memory_analysis()
-    assert memory.temp_size_in_bytes <= 512 * 8 * 64 * 2, memory.temp_size_in_bytes
+    assert memory.temp_size_in_bytes <= 512 * int(np.prod(tail)) * jnp.dtype(dtype).itemsize, memory.temp_size_in_bytes
