@@ -8,7 +8,7 @@ setup(
     packages=find_packages(include=["pyllama_jax", "pyllama_jax.*"]),
     package_data={"pyllama_jax": ["configs/*.py"],  # the job configs (`configs/` in the checkout links here)
                   "pyllama_jax.serve": ["static/*"],  # the web chat page
-                  "pyllama_jax.kernels": ["*.cc"]},  # CPU kernels, compiled on first use
+                  "pyllama_jax.kernels": ["*.cc", "*.h"]},  # CPU kernels, compiled on first use
     entry_points={"console_scripts": [f"pyllama-{name} = pyllama_jax.{module}:main" for name, module in (
         ("run", "cli.run"), ("quantize", "cli.quantize"), ("eval-ppl", "cli.eval_ppl"), ("convert", "cli.convert"),
         ("serve", "cli.serve"), ("chat", "cli.chat"), ("finetune", "cli.finetune"),

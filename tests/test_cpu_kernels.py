@@ -1,5 +1,5 @@
-"""The CPU decode matmuls (`pyllama_jax/kernels/cpu.py`) against numpy, and decoding through them
-against decoding through XLA alone (`PYLLAMA_CPU_KERNELS=0`)."""
+"""The CPU decode kernels (`pyllama_jax/kernels/cpu.py`: matmuls and attention over the cache)
+against numpy, and decoding through them against decoding through XLA alone (`PYLLAMA_CPU_KERNELS=0`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -75,6 +75,41 @@ def test_packed_matmul_matches_numpy(bits, groupsize, act_order):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 
+def _numpy_attention(q, k, v, positions):
+    """Softmax attention of each query over the cache slots up to its position, in float64 (a query
+    at a negative position sees no slot and, like a softmax of equal masked scores, averages all)."""
+    b, t, heads, d = q.shape
+    slots, groups = k.shape[1], heads // k.shape[2]
+    out = np.zeros(q.shape)
+    for i in range(b):
+        for j in range(t):
+            seen = min(positions[i, j] + 1, slots) if positions[i, j] >= 0 else 0
+            for h in range(heads):
+                keys, values = (np.asarray(a[i, :, h // groups], np.float64) for a in (k, v))
+                if seen:
+                    scores = keys[:seen] @ q[i, j, h] / np.sqrt(d)
+                    p = np.exp(scores - scores.max())
+                    out[i, j, h] = p @ values[:seen] / p.sum()
+                else:
+                    out[i, j, h] = values.mean(axis=0)
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("batch,t,heads,kv_heads,head_dim,slots", [(1, 1, 9, 3, 64, 256), (3, 2, 8, 2, 32, 40),
+                                                                   (4, 1, 4, 4, 16, 7)])
+def test_decode_attention_matches_numpy(dtype, batch, t, heads, kv_heads, head_dim, slots):
+    rng = np.random.default_rng(slots)
+    q = rng.standard_normal((batch, t, heads, head_dim)).astype(np.float32)
+    k, v = (jnp.asarray(rng.standard_normal((batch, slots, kv_heads, head_dim)), dtype) for _ in range(2))
+    positions = rng.integers(0, slots, (batch, t))
+    positions[0, 0] = slots + 2  # past the end: sees every slot
+    positions[-1, -1] = -1  # sees none
+    got = np.asarray(jax.jit(cpu.decode_attention)(q, k, v, jnp.asarray(positions, jnp.int32)))
+    want = _numpy_attention(q, np.asarray(k, np.float32), np.asarray(v, np.float32), positions)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
 def _greedy(model, prompt: str, n: int = 24):
     out = model.generate([prompt], max_new_tokens=n, ignore_eos=True)
     return out.tokens[0]
@@ -123,4 +158,21 @@ def test_quantized_decode_matches_xla(smollm2, monkeypatch):
     prompt = "Once upon a time"
     fast = _greedy(pj.Model(module, m.tokenizer), prompt)
     slow = _without_kernels(monkeypatch, lambda: _greedy(pj.Model(module, m.tokenizer), prompt))
+    assert fast == slow
+
+
+def test_float32_decode_matches_xla(smollm2, monkeypatch):
+    """Float32 SmolLM2, two prompts of different lengths: greedy tokens through the attention kernel
+    (every decode step) equal XLA's attention's."""
+    import pyllama_jax as pj
+
+    m = smollm2
+    prompts = ["The history of the printing press begins", "Water boils at"]
+    run = lambda: pj.Model(m.module, m.tokenizer).generate(prompts, max_new_tokens=24, ignore_eos=True).tokens
+    calls = []
+    kernel = cpu.decode_attention
+    monkeypatch.setattr(cpu, "decode_attention", lambda *a: calls.append(a[0].shape) or kernel(*a))
+    fast = run()
+    assert (2, 1, m.config.n_heads, m.config.head_dim) in calls  # a decode step's attention ran in the kernel
+    slow = _without_kernels(monkeypatch, run)
     assert fast == slow

@@ -1,4 +1,5 @@
-"""CPU matmuls over 16-bit and packed weights for a few rows (`cpu_matmul.cc`), built on first use.
+"""CPU kernels for a decode step, built on first use: matmuls over 16-bit and packed weights for a
+few rows (`cpu_matmul.cc`), and attention of a few tokens over the KV cache (`cpu_attention.cc`).
 
 XLA's CPU backend computes a bfloat16 dot through a float32 copy of the weight and cannot fuse
 unpacking into a dot, so on a CPU a 16-bit or 4-bit decode step was slower than a float32 one. The
@@ -26,8 +27,10 @@ import numpy as np
 from pyllama_jax.cache import cache_dir
 
 MAX_ROWS = 16  # more rows (a prefill) are compute-bound: XLA's dot is the better program there
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_matmul.cc")
-TARGETS = ("pyllama_cpu_dense_matmul", "pyllama_cpu_packed_matmul")
+FOLDER = os.path.dirname(os.path.abspath(__file__))
+SOURCES = tuple(os.path.join(FOLDER, name) for name in ("cpu_matmul.cc", "cpu_attention.cc"))
+HEADERS = (os.path.join(FOLDER, "cpu_common.h"),)
+TARGETS = ("pyllama_cpu_dense_matmul", "pyllama_cpu_packed_matmul", "pyllama_cpu_decode_attention")
 
 
 def _cpu_flags() -> str:
@@ -45,20 +48,20 @@ def _build() -> str:
         raise FileNotFoundError(f"no C++ compiler {compiler!r} on PATH (set $CXX)")
     command = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-mprefer-vector-width=512",
                "-I", jax.ffi.include_dir()]
-    with open(SOURCE, "rb") as f:
-        key = hashlib.sha256(f.read() + " ".join(command).encode() + jax.__version__.encode()
-                             + _cpu_flags().encode()).hexdigest()[:16]
+    text = b"".join(open(path, "rb").read() for path in SOURCES + HEADERS)
+    key = hashlib.sha256(text + " ".join(command).encode() + jax.__version__.encode()
+                         + _cpu_flags().encode()).hexdigest()[:16]
     folder = cache_dir("kernels")
-    path = os.path.join(folder, f"cpu_matmul-{key}.so")
+    path = os.path.join(folder, f"cpu_kernels-{key}.so")
     if os.path.isfile(path):
         return path
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
     os.close(fd)
     try:
-        done = subprocess.run([*command, SOURCE, "-o", tmp], capture_output=True, text=True)
+        done = subprocess.run([*command, *SOURCES, "-o", tmp], capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} {SOURCE} failed:\n{done.stderr[-2000:]}")
+            raise RuntimeError(f"{' '.join(command)} {' '.join(SOURCES)} failed:\n{done.stderr[-2000:]}")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -141,3 +144,23 @@ def packed_matmul(x: jax.Array, qweight: jax.Array, scales: jax.Array, qzeros: j
     call = jax.ffi.ffi_call(TARGETS[1], jax.ShapeDtypeStruct((rows.shape[0], n), jnp.float32))
     y = call(rows, qweight, scales, qzeros, g_idx, bits=np.int64(bits), group_size=np.int64(groupsize))
     return y[:int(np.prod(x.shape[:-1]))].reshape(*x.shape[:-1], n)
+
+
+def attention_applies(q: jax.Array, k: jax.Array) -> bool:
+    """Whether `decode_attention` runs here: a CPU program, at most MAX_ROWS new tokens per row, a
+    float cache, not partitioned over a mesh, kernels not switched off."""
+    if q.shape[1] > MAX_ROWS or jnp.dtype(k.dtype) not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        return False
+    if jax.default_backend() != "cpu" or os.environ.get("PYLLAMA_CPU_KERNELS") == "0":
+        return False
+    mesh = jax.sharding.get_abstract_mesh()
+    return (mesh.empty or mesh.size == 1) and _registered()
+
+
+def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array) -> jax.Array:
+    """Float32 attention `[b, t, heads, head_dim]` of the queries `q` (same shape) at `positions[b, t]`
+    over the cache slots `k`/`v` `[b, slots, kv_heads, head_dim]`: a query sees the slots up to its
+    own position (Llama's mask with a cache). Not differentiable (decoding only)."""
+    _require()
+    call = jax.ffi.ffi_call(TARGETS[2], jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    return call(q.astype(jnp.float32), k, v, positions.astype(jnp.int32), scale=np.float32(q.shape[-1] ** -0.5))

@@ -126,6 +126,9 @@ class Attention(nnx.Module):
         k = apply_rope(k.reshape(b, t, self.kv_heads, self.head_dim), positions, inv_freq)
         if kv is not None:  # one layer's cache arrays (`KVCache.layer`); see Llama's kv_window
             kv, k, v = kv_cache.update(kv, k, v, positions, mask.shape[-1])
+            if cpu_kernels.attention_applies(q, k):  # a decode step on a CPU; the mask is Llama's
+                out = cpu_kernels.decode_attention(q, k, v, positions).astype(v.dtype)  # causal one
+                return self.o(out.reshape(b, t, self.n_heads * self.head_dim)), kv
         groups = self.n_heads // self.kv_heads
         q = q.reshape(b, t, self.kv_heads, groups, self.head_dim)
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
