@@ -1,6 +1,6 @@
-"""SmolLM2-135M decode and prefill speed on a CPU: pyllama-jax (float32, bfloat16, 8-bit and 4-bit
-round-to-nearest g128) against HF transformers float32, and llama.cpp (`llama-cpp-python`) where it is
-installed: F32 (a GGUF file our writer makes from the same weights) and Q4_1 (the embedded file itself).
+"""SmolLM2-135M decode and prefill speed on a CPU: pyllama-jax (float32, bfloat16, bfloat16 weights
+with float32 compute, 8-bit and 4-bit round-to-nearest g128) against HF transformers float32, and
+llama.cpp (`llama-cpp-python`) where it is installed: F32 (a GGUF file our writer makes from the same weights) and Q4_1 (the embedded file itself).
 llama.cpp decodes one sequence at a time here, so it has no batch-8 figure.
 
 Protocol: every (tool, setting) runs in its own fresh process (JAX's and PyTorch's thread pools never
@@ -26,8 +26,9 @@ import time
 
 import numpy as np
 
-SETTINGS = {  # name -> (tool, dtype, wbits)
+SETTINGS = {  # name -> (tool, dtype, wbits); ours: "compute[/weights]"
     "ours f32": ("ours", "float32", 0), "ours bf16": ("ours", "bfloat16", 0),
+    "ours bf16 weights": ("ours", "float32/bfloat16", 0),
     "ours 8-bit": ("ours", "float32", 8), "ours 4-bit": ("ours", "float32", 4),
     "transformers f32": ("hf", "float32", 0),
     "llama.cpp F32": ("llama.cpp", "f32", 0), "llama.cpp Q4_1": ("llama.cpp", "q4_1", 4),
@@ -46,7 +47,8 @@ def run_ours(dtype: str, wbits: int, args: argparse.Namespace) -> dict:
     from pyllama_jax.quant.calibrate import quantize_rtn
     from pyllama_jax.quant.recipe import QuantRecipe
 
-    m = pj.load("smollm2-135m", dtype=dtype, param_dtype=dtype)
+    compute, _, weights = dtype.partition("/")
+    m = pj.load("smollm2-135m", dtype=compute, param_dtype=weights or compute)
     if wbits:
         m = pj.Model(quantize_rtn(m.module, QuantRecipe(wbits=wbits, groupsize=128, nearest=True).spec),
                      m.tokenizer)
