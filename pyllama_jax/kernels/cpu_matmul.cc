@@ -28,6 +28,7 @@ using namespace pyllama;
 
 constexpr int kCols = 512;    // output columns per tile: their accumulators stay in L1
 constexpr int kTileRows = 256;  // weight rows per tile: tiles of one column range add up afterwards
+constexpr int64_t kSerialSums = 1 << 16;  // partial sums added on the calling thread up to this many
 
 // Calls f with the row count as a compile-time constant: 1, 2, 4, 8 or 16 (the caller pads to one;
 // cpu.py: MAX_ROWS).
@@ -64,7 +65,7 @@ void tiled(ffi::ThreadPool& pool, int64_t M, int64_t N, int64_t cols, int64_t ch
     tile(n0, std::min(cols, N - n0), chunk, chunks > 1 ? partial.data() + chunk * M * N : y);
   });
   if (chunks == 1) return;
-  parallel_for(pool, ranges, [&](int64_t r) {
+  const auto add = [&](int64_t r) {
     const int64_t n0 = r * cols, n1 = std::min(N, n0 + cols);
     for (int64_t m = 0; m < M; ++m)
       for (int64_t n = n0; n < n1; ++n) {
@@ -72,7 +73,12 @@ void tiled(ffi::ThreadPool& pool, int64_t M, int64_t N, int64_t cols, int64_t ch
         for (int64_t c = 0; c < chunks; ++c) s += partial[(c * M + m) * N + n];
         y[m * N + n] = s;
       }
-  });
+  };
+  if (chunks * M * N <= kSerialSums) {  // a decode step's small layers: cheaper than waking the pool
+    for (int64_t r = 0; r < ranges; ++r) add(r);
+  } else {
+    parallel_for(pool, ranges, add);
+  }
 }
 
 // Weight rows [k0, k1) of W[K, N], four at a time, along columns [n0, n0 + nb).
