@@ -1,6 +1,7 @@
 """SmolLM2-135M decode and prefill speed on a CPU: pyllama-jax (float32, bfloat16, bfloat16 weights
 with float32 compute, 8-bit and 4-bit round-to-nearest g128) against HF transformers float32, and
-llama.cpp (`llama-cpp-python`) where it is installed: F32 (a GGUF file our writer makes from the same weights) and Q4_1 (the embedded file itself).
+llama.cpp (`llama-cpp-python`) where it is installed: F32 (a GGUF file our writer makes from the
+same weights) and Q4_1 (the embedded file itself).
 llama.cpp decodes one sequence at a time here, so it has no batch-8 figure.
 
 Protocol: every (tool, setting) runs in its own fresh process (JAX's and PyTorch's thread pools never
