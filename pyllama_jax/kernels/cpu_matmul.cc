@@ -107,25 +107,33 @@ void dense_tile(const float* x, int64_t K, int64_t N, int64_t n0, int64_t nb, in
 }
 
 // Outputs [n0, n0 + nb) of x @ W^T for W^T stored [N, K] (a tied head is the embedding [vocab, dim]):
-// each output's weights are one contiguous row, read 16 at a time into one vector per row of x.
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-typedef _Float16 f16x16 __attribute__((vector_size(32)));
+// each output's weights are one contiguous row, read kLanes at a time into one vector per row of x.
+// The vectors are the machine's width: GCC splits wider ones into scalar code (on an AVX2 CPU,
+// 16-lane vectors made the SmolLM2 bf16 head 6x slower than 8-lane ones).
+#ifdef __AVX512F__
+#define PYLLAMA_LANES 16
+#else
+#define PYLLAMA_LANES 8
+#endif
+constexpr int kLanes = PYLLAMA_LANES;
+typedef float f32xL __attribute__((vector_size(PYLLAMA_LANES * 4)));
+typedef uint16_t u16xL __attribute__((vector_size(PYLLAMA_LANES * 2)));
+typedef uint32_t u32xL __attribute__((vector_size(PYLLAMA_LANES * 4)));
+typedef _Float16 f16xL __attribute__((vector_size(PYLLAMA_LANES * 2)));
 
 template <bool BF16>
-inline f32x16 load16(const uint16_t* p) {
+inline f32xL load_lanes(const uint16_t* p) {
   if constexpr (BF16) {
-    u16x16 h;
+    u16xL h;
     std::memcpy(&h, p, sizeof(h));
-    const u32x16 u = __builtin_convertvector(h, u32x16) << 16;
-    f32x16 f;
+    const u32xL u = __builtin_convertvector(h, u32xL) << 16;
+    f32xL f;
     std::memcpy(&f, &u, sizeof(f));
     return f;
   } else {
-    f16x16 h;
+    f16xL h;
     std::memcpy(&h, p, sizeof(h));
-    return __builtin_convertvector(h, f32x16);
+    return __builtin_convertvector(h, f32xL);
   }
 }
 
@@ -133,20 +141,20 @@ template <int M, bool BF16>
 void dense_tile_t(const float* x, int64_t K, int64_t N, int64_t n0, int64_t nb, float* out, const uint16_t* w) {
   for (int64_t n = n0; n < n0 + nb; ++n) {
     const uint16_t* row = w + n * K;
-    f32x16 acc[M] = {};
+    f32xL acc[M] = {};
     int64_t k = 0;
-    for (; k + 16 <= K; k += 16) {
-      const f32x16 wv = load16<BF16>(row + k);
+    for (; k + kLanes <= K; k += kLanes) {
+      const f32xL wv = load_lanes<BF16>(row + k);
 #pragma GCC unroll 16
       for (int m = 0; m < M; ++m) {
-        f32x16 xv;
+        f32xL xv;
         std::memcpy(&xv, x + m * K + k, sizeof(xv));
         acc[m] += xv * wv;
       }
     }
     for (int m = 0; m < M; ++m) {
       float s = 0;
-      for (int l = 0; l < 16; ++l) s += acc[m][l];
+      for (int l = 0; l < kLanes; ++l) s += acc[m][l];
       for (int64_t j = k; j < K; ++j) s += x[m * K + j] * (BF16 ? bf16_to_f32(row[j]) : f16_to_f32(row[j]));
       out[m * N + n] = s;
     }
