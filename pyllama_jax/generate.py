@@ -12,7 +12,6 @@ import dataclasses
 import functools
 import itertools
 import time
-import warnings
 from typing import Any, Callable, Iterator, Sequence
 
 import jax
@@ -29,9 +28,6 @@ from pyllama_jax.sharding.rules import replicated, state_shardings
 from pyllama_jax.tokenizer import Tokenizer
 
 MIN_BUCKET = 16
-SLOW_ON_CPU = ("XLA's CPU backend computes {dtype} arithmetic through float32 conversions, so {dtype} "
-               "compute decodes slower than float32 on a CPU (benchmarks/RESULTS.md): for speed use "
-               "dtype='float32'; param_dtype='{dtype}' with dtype='float32' keeps the weights in half the memory")
 
 _COMPILE_EVENTS = frozenset(f"/jax/core/compile/{e}_duration" for e in ("jaxpr_trace", "jaxpr_to_mlir_module",
                                                                          "backend_compile"))
@@ -143,9 +139,6 @@ class Generator:
         """`mesh`: run sharded (weights as placed by the sharding rules, cache split on the mesh)."""
         self.graphdef, self.state = nnx.split(model)
         self.config = model.config
-        compute = jnp.dtype(model.config.compute_dtype)
-        if compute.itemsize == 2 and jax.default_backend() == "cpu":
-            warnings.warn(SLOW_ON_CPU.format(dtype=compute.name), RuntimeWarning, stacklevel=2)
         self.tokenizer = tokenizer
         self.mesh = mesh
         w, r = state_shardings(self.state, mesh), replicated(mesh)  # the cache keeps its own sharding

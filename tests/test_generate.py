@@ -87,20 +87,6 @@ def test_generation_compiles_once_per_bucket():
     assert [pow2(n, MIN_BUCKET, 256) for n in (1, 16, 17, 200, 300)] == [16, 16, 32, 256, 256]
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
-def test_16_bit_compute_on_a_cpu_prints_the_faster_setting(dtype, recwarn):
-    """On a CPU, XLA computes 16-bit arithmetic through float32 conversions: a generator with 16-bit
-    compute says so once and names the faster setting; a float32 one says nothing."""
-    config = preset("tiny", max_seq_len=64, dtype=dtype, param_dtype=dtype)
-    Generator(init_model(config), _ByteTokenizer())
-    said = [str(w.message) for w in recwarn if issubclass(w.category, RuntimeWarning)]
-    if dtype == "float32":
-        assert not said
-    else:
-        assert len(said) == 1 and f"{dtype} compute decodes slower than float32" in said[0]
-        assert "dtype='float32'" in said[0] and f"param_dtype='{dtype}'" in said[0]
-
-
 def test_compile_time_is_reported_apart_from_steady_rates():
     """An identical second call compiles nothing, so its rates are the steady ones the first call must report."""
     gen = Generator(init_model(preset("tiny", max_seq_len=256), seed=3), _ByteTokenizer())

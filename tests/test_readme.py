@@ -20,7 +20,7 @@ TRAIN_BOUNDS = ("--config.train.steps=1", "--config.train.batch_size=2", "--conf
                 "--config.train.sample_tokens=4", "--config.data.seq_len=64", "--config.data.eval_size=2")
 RUNS = {  # README command -> overrides that bound it (appended)
     "python scripts/run.py --config=configs/smollm2_135m.py --config.sampling.temperature=0.8 "
-    "--config.prompts='(\"Write a haiku about JAX.\",)' --config.param_dtype=bfloat16": ("--config.sampling.max_new_tokens=2",),
+    "--config.prompts='(\"Write a haiku about JAX.\",)' --config.dtype=bfloat16": ("--config.sampling.max_new_tokens=2",),
     "python scripts/convert.py --src smollm2-135m --to hf --out /tmp/smollm2-hf": (),
     "python scripts/convert.py --src /tmp/smollm2-hf --to meta --shards 3 --out /tmp/smollm2-meta": (),
     "python scripts/convert.py --src smollm2-135m --to gguf --gguf-type q8_0 --out /tmp/smollm2-q8_0.gguf": (),
