@@ -89,7 +89,12 @@ def applies(x: jax.Array, w_dtype: jnp.dtype | None = None) -> bool:
     rows = int(np.prod(x.shape[:-1]))
     if w_dtype is not None and jnp.dtype(w_dtype) not in (jnp.bfloat16, jnp.float16):
         return False
-    if rows > MAX_ROWS or jax.default_backend() != "cpu" or os.environ.get("PYLLAMA_CPU_KERNELS") == "0":
+    return rows <= MAX_ROWS and _here()
+
+
+def _here() -> bool:
+    """A CPU program, not partitioned over a mesh, kernels built and not switched off."""
+    if jax.default_backend() != "cpu" or os.environ.get("PYLLAMA_CPU_KERNELS") == "0":
         return False
     mesh = jax.sharding.get_abstract_mesh()
     return (mesh.empty or mesh.size == 1) and _registered()
@@ -149,12 +154,7 @@ def packed_matmul(x: jax.Array, qweight: jax.Array, scales: jax.Array, qzeros: j
 def attention_applies(q: jax.Array, k: jax.Array) -> bool:
     """Whether `decode_attention` runs here: a CPU program, at most MAX_ROWS new tokens per row, a
     float cache, not partitioned over a mesh, kernels not switched off."""
-    if q.shape[1] > MAX_ROWS or jnp.dtype(k.dtype) not in (jnp.float32, jnp.bfloat16, jnp.float16):
-        return False
-    if jax.default_backend() != "cpu" or os.environ.get("PYLLAMA_CPU_KERNELS") == "0":
-        return False
-    mesh = jax.sharding.get_abstract_mesh()
-    return (mesh.empty or mesh.size == 1) and _registered()
+    return q.shape[1] <= MAX_ROWS and jnp.dtype(k.dtype) in (jnp.float32, jnp.bfloat16, jnp.float16) and _here()
 
 
 def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array) -> jax.Array:
