@@ -8,14 +8,10 @@
 //   qweight int32 [K*bits/32, N], scales [G, N], qzeros int32 [G, N*bits/32] (zero - 1), g_idx [K].
 // Columns are split into blocks handed out to XLA's intra-op thread pool.
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <functional>
-#include <vector>
-#include <memory>
-#include <thread>
 #include <type_traits>
+#include <vector>
 
 #include "cpu_common.h"
 #include "xla/ffi/api/ffi.h"
