@@ -21,7 +21,8 @@ def _numpy_dequantize(codes, scales, zeros, g_idx):
 def test_kernels_build_on_this_machine():
     """CI has a compiler: the kernels must build there, or every figure below silently tests XLA."""
     assert cpu.applies(jnp.zeros((1, 8)), jnp.bfloat16)
-    assert not cpu.applies(jnp.zeros((1, 8)), jnp.float32)  # float32 weights stay with XLA's dot
+    assert not cpu.applies(jnp.zeros((1, 8)), jnp.float32)  # float32 weights stay with XLA's dot,
+    assert cpu.applies(jnp.zeros((1, 8)), jnp.float32, transposed=True)  # but for a tied head
     assert not cpu.applies(jnp.zeros((cpu.MAX_ROWS + 1, 8)), jnp.bfloat16)  # a prefill stays with XLA
 
 
@@ -37,6 +38,17 @@ def test_dense_matmul_matches_numpy(rows, dtype):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
     got_t = np.asarray(jax.jit(cpu.dense_matmul, static_argnums=2)(jnp.asarray(x), w.T.copy(), True))
     np.testing.assert_allclose(got_t, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 16])
+def test_float32_tied_head_matches_numpy(rows):
+    """x @ E.T for a float32 embedding E [vocab, dim] (a tied head), dim not a multiple of the vectors."""
+    rng = np.random.default_rng(rows)
+    x = rng.standard_normal((rows, 300)).astype(np.float32)
+    e = (rng.standard_normal((1100, 300)) * 0.05).astype(np.float32)
+    want = x.astype(np.float64) @ e.T.astype(np.float64)
+    got = np.asarray(jax.jit(cpu.dense_matmul, static_argnums=2)(jnp.asarray(x), jnp.asarray(e), True))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 
 def test_dense_matmul_gradients_match_numpy():
@@ -96,18 +108,45 @@ def _numpy_attention(q, k, v, positions):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-@pytest.mark.parametrize("batch,t,heads,kv_heads,head_dim,slots", [(1, 1, 9, 3, 64, 256), (3, 2, 8, 2, 32, 40),
-                                                                   (4, 1, 4, 4, 16, 7)])
-def test_decode_attention_matches_numpy(dtype, batch, t, heads, kv_heads, head_dim, slots):
+@pytest.mark.parametrize("batch,t,heads,kv_heads,head_dim,slots,window", [(1, 1, 9, 3, 64, 256, 256),
+                                                                          (3, 2, 8, 2, 32, 40, 40),
+                                                                          (4, 1, 4, 4, 16, 7, 5)])
+def test_decode_attention_matches_numpy(dtype, batch, t, heads, kv_heads, head_dim, slots, window):
+    """The kernel stores the new keys and values in the cache (one spare row, which must not change;
+    positions outside the slots dropped), then attends over the first `window` slots."""
     rng = np.random.default_rng(slots)
     q = rng.standard_normal((batch, t, heads, head_dim)).astype(np.float32)
-    k, v = (jnp.asarray(rng.standard_normal((batch, slots, kv_heads, head_dim)), dtype) for _ in range(2))
-    positions = rng.integers(0, slots, (batch, t))
-    positions[0, 0] = slots + 2  # past the end: sees every slot
-    positions[-1, -1] = -1  # sees none
-    got = np.asarray(jax.jit(cpu.decode_attention)(q, k, v, jnp.asarray(positions, jnp.int32)))
-    want = _numpy_attention(q, np.asarray(k, np.float32), np.asarray(v, np.float32), positions)
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    new_k, new_v = (jnp.asarray(rng.standard_normal((batch, t, kv_heads, head_dim)), dtype) for _ in range(2))
+    cache = tuple(jnp.asarray(rng.standard_normal((batch + 1, slots, kv_heads, head_dim)), dtype) for _ in range(2))
+    positions = rng.integers(0, window, (batch, t))
+    positions[0, 0] = slots + 2  # past the end: not stored, sees every slot of the window
+    positions[-1, -1] = -1  # not stored, sees none
+    want_cache = [np.asarray(a, np.float32).copy() for a in cache]
+    for i in range(batch):
+        for j in range(t):
+            if 0 <= positions[i, j] < slots:
+                for stored, new in zip(want_cache, (new_k, new_v)):
+                    stored[i, positions[i, j]] = np.asarray(new[i, j], np.float32)
+    fn = jax.jit(cpu.decode_attention, static_argnums=5)
+    got, got_cache = fn(q, new_k, new_v, cache, jnp.asarray(positions, jnp.int32), window)
+    for got_array, want_array in zip(got_cache, want_cache):
+        assert got_array.dtype == jnp.dtype(dtype)
+        np.testing.assert_array_equal(np.asarray(got_array, np.float32), want_array)
+    want = _numpy_attention(q, want_cache[0][:batch, :window], want_cache[1][:batch, :window], positions)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-5)
+
+
+def test_decode_attention_updates_the_cache_in_place():
+    """A decode step's cache is donated: the kernel's write must reuse its buffers, not copy them."""
+    b, slots, kv_heads, head_dim = 8, 2048, 3, 64
+    cache = tuple(jnp.zeros((b, slots, kv_heads, head_dim), jnp.float32) for _ in range(2))
+    q = jnp.zeros((b, 1, 9, head_dim), jnp.float32)
+    new = jnp.zeros((b, 1, kv_heads, head_dim), jnp.float32)
+    step = jax.jit(lambda cache, q, new, pos: cpu.decode_attention(q, new, new, cache, pos, slots),
+                   donate_argnums=0)
+    memory = step.lower(cache, q, new, jnp.zeros((b, 1), jnp.int32)).compile().memory_analysis()
+    assert memory.alias_size_in_bytes == 2 * cache[0].nbytes
+    assert memory.temp_size_in_bytes < cache[0].nbytes // 8
 
 
 def _greedy(model, prompt: str, n: int = 24):

@@ -1,5 +1,6 @@
-"""CPU kernels for a decode step, built on first use: matmuls over 16-bit and packed weights for a
-few rows (`cpu_matmul.cc`), and attention of a few tokens over the KV cache (`cpu_attention.cc`).
+"""CPU kernels for a decode step, built on first use: matmuls over 16-bit and packed weights (and a
+float32 tied head) for a few rows (`cpu_matmul.cc`), and the KV cache write with the attention of a
+few tokens over the cache (`cpu_attention.cc`).
 
 XLA's CPU backend computes a bfloat16 dot through a float32 copy of the weight and cannot fuse
 unpacking into a dot, so on a CPU a 16-bit or 4-bit decode step was slower than a float32 one. The
@@ -83,11 +84,14 @@ def _registered() -> bool:
     return True
 
 
-def applies(x: jax.Array, w_dtype: jnp.dtype | None = None) -> bool:
+def applies(x: jax.Array, w_dtype: jnp.dtype | None = None, transposed: bool = False) -> bool:
     """Whether `x[..., K] @ W` runs here: a CPU program, at most MAX_ROWS rows, not partitioned over a
-    mesh, 16-bit weights if `w_dtype` is given (packed weights otherwise), kernels not switched off."""
+    mesh, kernels not switched off; 16-bit weights if `w_dtype` is given (also float32 ones stored
+    transposed, a tied head: XLA's dot of a few rows with them reads them at half our speed), packed
+    weights otherwise."""
     rows = int(np.prod(x.shape[:-1]))
-    if w_dtype is not None and jnp.dtype(w_dtype) not in (jnp.bfloat16, jnp.float16):
+    kinds = (jnp.bfloat16, jnp.float16, jnp.float32) if transposed else (jnp.bfloat16, jnp.float16)
+    if w_dtype is not None and jnp.dtype(w_dtype) not in kinds:
         return False
     return rows <= MAX_ROWS and _here()
 
@@ -115,7 +119,8 @@ def _rows(x: jax.Array, pad_to: int = 0) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def dense_matmul(x: jax.Array, w: jax.Array, transposed: bool = False) -> jax.Array:
-    """Float32 `x[..., K] @ w[K, N]` (or `@ w.T` for `w[N, K]` when `transposed`), w bfloat16 or float16."""
+    """Float32 `x[..., K] @ w[K, N]` (or `@ w.T` for `w[N, K]` when `transposed`), w bfloat16 or float16
+    (or float32 when `transposed`)."""
     _require()
     n, rows = w.shape[0 if transposed else 1], _rows(x)
     y = jax.ffi.ffi_call(TARGETS[0], jax.ShapeDtypeStruct((rows.shape[0], n), jnp.float32))(
@@ -151,16 +156,27 @@ def packed_matmul(x: jax.Array, qweight: jax.Array, scales: jax.Array, qzeros: j
     return y[:int(np.prod(x.shape[:-1]))].reshape(*x.shape[:-1], n)
 
 
-def attention_applies(q: jax.Array, k: jax.Array) -> bool:
+def attention_applies(q: jax.Array, cache: tuple[jax.Array, ...]) -> bool:
     """Whether `decode_attention` runs here: a CPU program, at most MAX_ROWS new tokens per row, a
-    float cache, not partitioned over a mesh, kernels not switched off."""
-    return q.shape[1] <= MAX_ROWS and jnp.dtype(k.dtype) in (jnp.float32, jnp.bfloat16, jnp.float16) and _here()
+    float cache (`(k, v)`, not int8's four arrays), not partitioned over a mesh, kernels not switched off."""
+    return (q.shape[1] <= MAX_ROWS and len(cache) == 2
+            and jnp.dtype(cache[0].dtype) in (jnp.float32, jnp.bfloat16, jnp.float16) and _here())
 
 
-def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array) -> jax.Array:
-    """Float32 attention `[b, t, heads, head_dim]` of the queries `q` (same shape) at `positions[b, t]`
-    over the cache slots `k`/`v` `[b, slots, kv_heads, head_dim]`: a query sees the slots up to its
-    own position (Llama's mask with a cache). Not differentiable (decoding only)."""
+def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: tuple[jax.Array, jax.Array],
+                     positions: jax.Array, window: int) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Store the new keys and values `k`/`v` `[b, t, kv_heads, head_dim]` at `positions[b, t]` of the
+    cache `(k, v)` `[b' >= b, slots, kv_heads, head_dim]` in place (positions outside the slots are
+    dropped, as `kv_cache.write` drops them), then the float32 attention `[b, t, heads, head_dim]` of
+    the queries `q` over the cache's first `window` slots: a query sees the slots up to its own
+    position (Llama's mask with a cache). Returns it and the updated cache. Not differentiable."""
     _require()
-    call = jax.ffi.ffi_call(TARGETS[2], jax.ShapeDtypeStruct(q.shape, jnp.float32))
-    return call(q.astype(jnp.float32), k, v, positions.astype(jnp.int32), scale=np.float32(q.shape[-1] ** -0.5))
+    k_cache, v_cache = cache
+    call = jax.ffi.ffi_call(TARGETS[2], (jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                                         jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+                                         jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
+                            input_output_aliases={3: 1, 4: 2})
+    out, k_cache, v_cache = call(q.astype(jnp.float32), k.astype(k_cache.dtype), v.astype(v_cache.dtype),
+                                 k_cache, v_cache, positions.astype(jnp.int32),
+                                 scale=np.float32(q.shape[-1] ** -0.5), window=np.int64(window))
+    return out, (k_cache, v_cache)

@@ -4,7 +4,8 @@
 // unpacking into a dot, so a bfloat16 or 4-bit decode step reads more bytes than a float32 one.
 // These kernels stream each weight once, convert it in registers and accumulate in float32:
 //   y[m, n] = sum_k x[m, k] * W[k, n]   (x: float32 [M, K], W: [K, N], y: float32 [M, N])
-// W is a 16-bit float array (f16/bf16), or GPTQ's packed layout (see quant/packing.py):
+// W is a 16-bit float array (f16/bf16; float32 too when stored transposed, a tied head), or GPTQ's
+// packed layout (see quant/packing.py):
 //   qweight int32 [K*bits/32, N], scales [G, N], qzeros int32 [G, N*bits/32] (zero - 1), g_idx [K].
 // Columns are split into blocks handed out to XLA's intra-op thread pool.
 #include <algorithm>
@@ -117,6 +118,7 @@ typedef uint16_t u16xL __attribute__((vector_size(PYLLAMA_LANES * 2)));
 typedef uint32_t u32xL __attribute__((vector_size(PYLLAMA_LANES * 4)));
 typedef _Float16 f16xL __attribute__((vector_size(PYLLAMA_LANES * 2)));
 
+// kLanes weights from p as float32: bfloat16 (`uint16_t`, BF16), float16 (`uint16_t`) or float32.
 template <bool BF16>
 inline f32xL load_lanes(const uint16_t* p) {
   if constexpr (BF16) {
@@ -133,10 +135,23 @@ inline f32xL load_lanes(const uint16_t* p) {
   }
 }
 
-template <int M, bool BF16>
-void dense_tile_t(const float* x, int64_t K, int64_t N, int64_t n0, int64_t nb, float* out, const uint16_t* w) {
+template <bool BF16>
+inline f32xL load_lanes(const float* p) {
+  f32xL f;
+  std::memcpy(&f, p, sizeof(f));
+  return f;
+}
+
+template <bool BF16>
+inline float load_one(const uint16_t* p) { return BF16 ? bf16_to_f32(*p) : f16_to_f32(*p); }
+
+template <bool BF16>
+inline float load_one(const float* p) { return *p; }
+
+template <int M, bool BF16, typename W>
+void dense_tile_t(const float* x, int64_t K, int64_t N, int64_t n0, int64_t nb, float* out, const W* w) {
   for (int64_t n = n0; n < n0 + nb; ++n) {
-    const uint16_t* row = w + n * K;
+    const W* row = w + n * K;
     f32xL acc[M] = {};
     int64_t k = 0;
     for (; k + kLanes <= K; k += kLanes) {
@@ -151,7 +166,7 @@ void dense_tile_t(const float* x, int64_t K, int64_t N, int64_t n0, int64_t nb, 
     for (int m = 0; m < M; ++m) {
       float s = 0;
       for (int l = 0; l < kLanes; ++l) s += acc[m][l];
-      for (int64_t j = k; j < K; ++j) s += x[m * K + j] * (BF16 ? bf16_to_f32(row[j]) : f16_to_f32(row[j]));
+      for (int64_t j = k; j < K; ++j) s += x[m * K + j] * load_one<BF16>(row + j);
       out[m * N + n] = s;
     }
   }
@@ -162,8 +177,8 @@ ffi::Error DenseMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBu
   const int64_t M = x.dimensions()[0], K = x.dimensions()[1], N = w.dimensions()[transposed ? 0 : 1];
   if (!valid_rows(M)) return ffi::Error::InvalidArgument("cpu_dense_matmul: rows must be 1, 2, 4, 8 or 16");
   const auto t = w.element_type();
-  if (t != ffi::DataType::BF16 && t != ffi::DataType::F16)
-    return ffi::Error::InvalidArgument("cpu_dense_matmul: weights must be bfloat16 or float16");
+  if (t != ffi::DataType::BF16 && t != ffi::DataType::F16 && !(transposed && t == ffi::DataType::F32))
+    return ffi::Error::InvalidArgument("cpu_dense_matmul: weights must be bfloat16 or float16 (or float32, transposed)");
   const uint16_t* wp = static_cast<const uint16_t*>(w.untyped_data());
   const float* xp = x.typed_data();
   float* yp = y->typed_data();
@@ -175,6 +190,8 @@ ffi::Error DenseMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBu
     constexpr int R = decltype(r)::value;
     tiled(pool, M, N, transposed ? 64 : kCols, chunks, yp, [&](int64_t n0, int64_t nb, int64_t c, float* out) {
       const int64_t k0 = c * rows, k1 = std::min(K, k0 + rows);
+      if (transposed && t == ffi::DataType::F32)
+        return dense_tile_t<R, false>(xp, K, N, n0, nb, out, static_cast<const float*>(w.untyped_data()));
       if (transposed && t == ffi::DataType::BF16) return dense_tile_t<R, true>(xp, K, N, n0, nb, out, wp);
       if (transposed) return dense_tile_t<R, false>(xp, K, N, n0, nb, out, wp);
       if (t == ffi::DataType::BF16) return dense_tile<R>(xp, K, N, n0, nb, k0, k1, out, bf16);

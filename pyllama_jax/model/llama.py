@@ -53,7 +53,7 @@ def output_head(x: jax.Array, w: jax.Array, chunk: int = 4096, transposed: bool 
     (`pyllama_jax.kernels.cpu`), and a longer input takes the vocabulary in slices made one after
     another, so one slice's copy is alive at a time. Other backends take the dot as it is.
     """
-    if cpu_kernels.applies(x, w.dtype):
+    if cpu_kernels.applies(x, w.dtype, transposed):
         return cpu_kernels.dense_matmul(x, w, transposed)
     vocab = w.shape[0 if transposed else 1]
 
@@ -124,11 +124,12 @@ class Attention(nnx.Module):
         v = self.v(after(k, x)).reshape(b, t, self.kv_heads, self.head_dim)
         q = apply_rope(q.reshape(b, t, self.n_heads, self.head_dim), positions, inv_freq)
         k = apply_rope(k.reshape(b, t, self.kv_heads, self.head_dim), positions, inv_freq)
+        if kv is not None and cpu_kernels.attention_applies(q, kv):  # a decode step on a CPU: the
+            out, kv = cpu_kernels.decode_attention(q, k, v, kv, positions, mask.shape[-1])  # mask is
+            out = out.astype(kv[1].dtype).reshape(b, t, self.n_heads * self.head_dim)  # Llama's causal one
+            return self.o(out), kv
         if kv is not None:  # one layer's cache arrays (`KVCache.layer`); see Llama's kv_window
             kv, k, v = kv_cache.update(kv, k, v, positions, mask.shape[-1])
-            if cpu_kernels.attention_applies(q, k):  # a decode step on a CPU; the mask is Llama's
-                out = cpu_kernels.decode_attention(q, k, v, positions).astype(v.dtype)  # causal one
-                return self.o(out.reshape(b, t, self.n_heads * self.head_dim)), kv
         groups = self.n_heads // self.kv_heads
         q = q.reshape(b, t, self.kv_heads, groups, self.head_dim)
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
