@@ -23,13 +23,24 @@ namespace {
 
 using namespace pyllama;
 
-constexpr int kCols = 512;    // output columns per tile: their accumulators stay in L1
-// Columns per packed tile for M rows: its accumulators and partial sums (2 x M x cols floats) take
-// 32 KiB. Wider tiles read longer runs of each packed row, which the prefetcher streams better:
-// SmolLM2's 4-bit and 8-bit layers at one row took 7.5 and 10.5 ms with 512 columns, 6.6 and 7.3 ms so.
+// Columns per tile for M rows (a packed tile's accumulators and partial sums, 2 x M x cols floats,
+// take 32 KiB). For up to 4 rows, tiles are as wide as that and one 128-row group deep: they read
+// longer runs of each weight row, which the prefetcher streams better (SmolLM2's 30 layers at one
+// row: 4-bit 7.3 -> 6.1 ms, 8-bit 10.4 -> 7.3 ms, bf16 13-17 -> 11 ms against 512 x 256 tiles).
+// At 8 rows and more, tiles of 512 x 256 were faster.
 template <int M>
-constexpr int packed_cols() { return M <= 1 ? 4096 : M <= 2 ? 2048 : M <= 4 ? 1024 : M <= 8 ? 512 : 256; }
-constexpr int kTileRows = 256;  // weight rows per tile: tiles of one column range add up afterwards
+constexpr int tile_cols() { return M <= 1 ? 4096 : M <= 2 ? 2048 : M <= 4 ? 1024 : 512; }
+template <int M>
+constexpr int tile_rows() { return M <= 4 ? 128 : 256; }  // weight rows per tile: the tiles of one column
+                                                         // range add up afterwards
+
+// tile_cols<M>() columns, narrowed until there are two tiles per thread.
+template <int M>
+int64_t shared_cols(int64_t N, int64_t chunks, ffi::ThreadPool& pool) {
+  int64_t cols = tile_cols<M>();
+  while (cols > 64 && (N + cols - 1) / cols * chunks < 2 * pool.num_threads()) cols /= 2;
+  return cols;
+}
 constexpr int64_t kSerialSums = 1 << 16;  // partial sums added on the calling thread up to this many
 
 // Calls f with the row count as a compile-time constant: 1, 2, 4, 8 or 16 (the caller pads to one;
@@ -87,7 +98,8 @@ void tiled(ffi::ThreadPool& pool, int64_t M, int64_t N, int64_t cols, int64_t ch
 template <int M, typename Load>
 void dense_tile(const float* x, int64_t K, int64_t N, int64_t n0, int64_t nb, int64_t k0, int64_t k1, float* out,
                 Load load) {
-  float acc[M][kCols] = {};
+  float acc[M][tile_cols<M>()];
+  for (int m = 0; m < M; ++m) std::fill(acc[m], acc[m] + nb, 0.f);
   int64_t k = k0;
   for (; k + 4 <= k1; k += 4) {
     const int64_t r = k * N + n0;
@@ -189,11 +201,12 @@ ffi::Error DenseMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBu
   float* yp = y->typed_data();
   const auto bf16 = [wp](int64_t i) { return bf16_to_f32(wp[i]); };
   const auto f16 = [wp](int64_t i) { return f16_to_f32(wp[i]); };
-  const int64_t chunks = transposed ? 1 : (K + kTileRows - 1) / kTileRows;
-  const int64_t rows = ((K + chunks - 1) / chunks + 3) / 4 * 4;
   by_rows(M, [&](auto r) {
     constexpr int R = decltype(r)::value;
-    tiled(pool, M, N, transposed ? 64 : kCols, chunks, yp, [&](int64_t n0, int64_t nb, int64_t c, float* out) {
+    const int64_t chunks = transposed ? 1 : (K + tile_rows<R>() - 1) / tile_rows<R>();
+    const int64_t rows = ((K + chunks - 1) / chunks + 3) / 4 * 4;
+    const int64_t cols = transposed ? 64 : shared_cols<R>(N, chunks, pool);
+    tiled(pool, M, N, cols, chunks, yp, [&](int64_t n0, int64_t nb, int64_t c, float* out) {
       const int64_t k0 = c * rows, k1 = std::min(K, k0 + rows);
       if (transposed && t == ffi::DataType::F32)
         return dense_tile_t<R, false>(xp, K, N, n0, nb, out, static_cast<const float*>(w.untyped_data()));
@@ -232,7 +245,7 @@ void packed_tile(const float* x, int64_t Kx, const Packed& p, int64_t n0, int64_
                  float* out) {
   constexpr int PER = BITS == 3 ? 32 : 32 / BITS, WORDS = BITS == 3 ? 3 : 1;
   constexpr uint32_t MASK = (1u << BITS) - 1;
-  constexpr int COLS = packed_cols<M>();
+  constexpr int COLS = tile_cols<M>();
   float acc[M][COLS], part[M][COLS];
   for (int m = 0; m < M; ++m) std::fill(acc[m], acc[m] + nb, 0.f);
   const int64_t N = p.N, periods = p.group_size / PER;
@@ -334,11 +347,9 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   }
   by_rows(M, [&](auto r) {
     constexpr int R = decltype(r)::value;
-    const int64_t per_chunk = std::max<int64_t>(1, (R <= 4 ? 128 : 256) / p.group_size);
+    const int64_t per_chunk = std::max<int64_t>(1, tile_rows<R>() / p.group_size);
     const int64_t chunks = (p.groups + per_chunk - 1) / per_chunk;
-    int64_t cols = packed_cols<R>();  // narrower where the tiles would be too few to share out
-    while (cols > 64 && (p.N + cols - 1) / cols * chunks < 2 * pool.num_threads()) cols /= 2;
-    tiled(pool, M, p.N, cols, chunks, yp, [&](int64_t n0, int64_t nb, int64_t c, float* out) {
+    tiled(pool, M, p.N, shared_cols<R>(p.N, chunks, pool), chunks, yp, [&](int64_t n0, int64_t nb, int64_t c, float* out) {
       const int64_t g0 = c * per_chunk, g1 = std::min(p.groups, g0 + per_chunk);
       switch (bits) {
         case 2: return packed_tile<2, R>(xp, Kx, p, n0, nb, g0, g1, out);
