@@ -124,10 +124,10 @@ class Attention(nnx.Module):
         v = self.v(after(k, x)).reshape(b, t, self.kv_heads, self.head_dim)
         q = apply_rope(q.reshape(b, t, self.n_heads, self.head_dim), positions, inv_freq)
         k = apply_rope(k.reshape(b, t, self.kv_heads, self.head_dim), positions, inv_freq)
-        if kv is not None and cpu_kernels.attention_applies(q, kv):  # a decode step on a CPU: the
-            out, kv = cpu_kernels.decode_attention(q, k, v, kv, positions, mask.shape[-1])  # mask is
-            out = out.astype(kv[1].dtype).reshape(b, t, self.n_heads * self.head_dim)  # Llama's causal one
-            return self.o(out), kv
+        if kv is not None and cpu_kernels.attention_applies(q, kv):
+            # a decode step on a CPU: cache write and attention in one kernel (the mask is Llama's causal one)
+            out, kv = cpu_kernels.decode_attention(q, k, v, kv, positions, mask.shape[-1])
+            return self.o(out.astype(kv[1].dtype).reshape(b, t, self.n_heads * self.head_dim)), kv
         if kv is not None:  # one layer's cache arrays (`KVCache.layer`); see Llama's kv_window
             kv, k, v = kv_cache.update(kv, k, v, positions, mask.shape[-1])
         groups = self.n_heads // self.kv_heads
