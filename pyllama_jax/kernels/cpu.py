@@ -1,5 +1,5 @@
-"""CPU kernels for a decode step, built on first use: matmuls over 16-bit and packed weights (and a
-float32 tied head) for a few rows (`cpu_matmul.cc`), and the KV cache write with the attention of a
+"""CPU kernels for a decode step, built on first use: matmuls over float (16-bit or float32) and packed
+weights for a few rows (`cpu_matmul.cc`), and the KV cache write with the attention of a
 few tokens over the cache (`cpu_attention.cc`).
 
 XLA's CPU backend computes a bfloat16 dot through a float32 copy of the weight and cannot fuse
@@ -84,14 +84,12 @@ def _registered() -> bool:
     return True
 
 
-def applies(x: jax.Array, w_dtype: jnp.dtype | None = None, transposed: bool = False) -> bool:
+def applies(x: jax.Array, w_dtype: jnp.dtype | None = None) -> bool:
     """Whether `x[..., K] @ W` runs here: a CPU program, at most MAX_ROWS rows, not partitioned over a
-    mesh, kernels not switched off; 16-bit weights if `w_dtype` is given (also float32 ones stored
-    transposed, a tied head: XLA's dot of a few rows with them reads them at half our speed), packed
+    mesh, kernels not switched off; float weights (16-bit or float32) if `w_dtype` is given, packed
     weights otherwise."""
     rows = int(np.prod(x.shape[:-1]))
-    kinds = (jnp.bfloat16, jnp.float16, jnp.float32) if transposed else (jnp.bfloat16, jnp.float16)
-    if w_dtype is not None and jnp.dtype(w_dtype) not in kinds:
+    if w_dtype is not None and jnp.dtype(w_dtype) not in (jnp.bfloat16, jnp.float16, jnp.float32):
         return False
     return rows <= MAX_ROWS and _here()
 
@@ -119,8 +117,8 @@ def _rows(x: jax.Array, pad_to: int = 0) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def dense_matmul(x: jax.Array, w: jax.Array, transposed: bool = False) -> jax.Array:
-    """Float32 `x[..., K] @ w[K, N]` (or `@ w.T` for `w[N, K]` when `transposed`), w bfloat16 or float16
-    (or float32 when `transposed`)."""
+    """Float32 `x[..., K] @ w[K, N]` (or `@ w.T` for `w[N, K]` when `transposed`), w bfloat16, float16
+    or float32."""
     _require()
     n, rows = w.shape[0 if transposed else 1], _rows(x)
     y = jax.ffi.ffi_call(TARGETS[0], jax.ShapeDtypeStruct((rows.shape[0], n), jnp.float32))(

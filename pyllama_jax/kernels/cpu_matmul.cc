@@ -4,8 +4,8 @@
 // unpacking into a dot, so a bfloat16 or 4-bit decode step reads more bytes than a float32 one.
 // These kernels stream each weight once, convert it in registers and accumulate in float32:
 //   y[m, n] = sum_k x[m, k] * W[k, n]   (x: float32 [M, K], W: [K, N], y: float32 [M, N])
-// W is a 16-bit float array (f16/bf16; float32 too when stored transposed, a tied head), or GPTQ's
-// packed layout (see quant/packing.py):
+// W is a float array (f16/bf16/f32; for float32 the kernels' tiles stream the weights faster than
+// XLA's dot), or GPTQ's packed layout (see quant/packing.py):
 //   qweight int32 [K*bits/32, N], scales [G, N], qzeros int32 [G, N*bits/32] (zero - 1), g_idx [K].
 // Columns are split into blocks handed out to XLA's intra-op thread pool.
 #include <algorithm>
@@ -194,8 +194,8 @@ ffi::Error DenseMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBu
   const int64_t M = x.dimensions()[0], K = x.dimensions()[1], N = w.dimensions()[transposed ? 0 : 1];
   if (!valid_rows(M)) return ffi::Error::InvalidArgument("cpu_dense_matmul: rows must be 1, 2, 4, 8 or 16");
   const auto t = w.element_type();
-  if (t != ffi::DataType::BF16 && t != ffi::DataType::F16 && !(transposed && t == ffi::DataType::F32))
-    return ffi::Error::InvalidArgument("cpu_dense_matmul: weights must be bfloat16 or float16 (or float32, transposed)");
+  if (t != ffi::DataType::BF16 && t != ffi::DataType::F16 && t != ffi::DataType::F32)
+    return ffi::Error::InvalidArgument("cpu_dense_matmul: weights must be bfloat16, float16 or float32");
   const uint16_t* wp = static_cast<const uint16_t*>(w.untyped_data());
   const float* xp = x.typed_data();
   float* yp = y->typed_data();
@@ -212,6 +212,10 @@ ffi::Error DenseMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBu
         return dense_tile_t<R, false>(xp, K, N, n0, nb, out, static_cast<const float*>(w.untyped_data()));
       if (transposed && t == ffi::DataType::BF16) return dense_tile_t<R, true>(xp, K, N, n0, nb, out, wp);
       if (transposed) return dense_tile_t<R, false>(xp, K, N, n0, nb, out, wp);
+      if (t == ffi::DataType::F32) {
+        const float* wf = static_cast<const float*>(w.untyped_data());
+        return dense_tile<R>(xp, K, N, n0, nb, k0, k1, out, [wf](int64_t i) { return wf[i]; });
+      }
       if (t == ffi::DataType::BF16) return dense_tile<R>(xp, K, N, n0, nb, k0, k1, out, bf16);
       dense_tile<R>(xp, K, N, n0, nb, k0, k1, out, f16);
     });

@@ -40,7 +40,7 @@ class Linear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x, w = x.astype(self.dtype), self.kernel[...]
-        if cpu_kernels.applies(x, w.dtype):  # a decode step on a CPU: read the 16-bit weight as it is
+        if cpu_kernels.applies(x, w.dtype):  # a decode step on a CPU: read the weight as it is
             return cpu_kernels.dense_matmul(x, w).astype(self.dtype)
         return jnp.dot(x, w.astype(self.dtype))
 
@@ -53,7 +53,7 @@ def output_head(x: jax.Array, w: jax.Array, chunk: int = 4096, transposed: bool 
     (`pyllama_jax.kernels.cpu`), and a longer input takes the vocabulary in slices made one after
     another, so one slice's copy is alive at a time. Other backends take the dot as it is.
     """
-    if cpu_kernels.applies(x, w.dtype, transposed):
+    if cpu_kernels.applies(x, w.dtype):
         return cpu_kernels.dense_matmul(x, w, transposed)
     vocab = w.shape[0 if transposed else 1]
 
