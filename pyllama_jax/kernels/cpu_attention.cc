@@ -29,8 +29,10 @@ namespace {
 
 using namespace pyllama;
 
+// k_in and v_in are the cache's arrays as they come in: XLA aliases them to the results k and v,
+// through which the kernel reads and writes them.
 ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer new_k,
-                           ffi::AnyBuffer new_v, ffi::AnyBuffer k_in, ffi::AnyBuffer v_in,
+                           ffi::AnyBuffer new_v, ffi::AnyBuffer /*k_in*/, ffi::AnyBuffer /*v_in*/,
                            ffi::Buffer<ffi::S32> positions, ffi::ResultBuffer<ffi::F32> out,
                            ffi::Result<ffi::AnyBuffer> k, ffi::Result<ffi::AnyBuffer> v, float scale,
                            int64_t window) {
