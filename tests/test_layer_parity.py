@@ -49,8 +49,8 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Pair:
     return ours.layers[0], theirs.model.layers[0], theirs
 
 
-def hidden(seed: int, dim: int = 64) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((BATCH, LENGTH, dim)).astype(np.float32)
+def hidden(seed: int, dim: int = 64, length: int = LENGTH) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((BATCH, length, dim)).astype(np.float32)
 
 
 def positions(real: np.ndarray) -> np.ndarray:
@@ -107,15 +107,18 @@ def test_rotary_embedding(rope: dict[str, float | str]) -> None:
                     k_rot.transpose(1, 2))
 
 
-def test_attention_gqa_with_padding(pair: Pair) -> None:
+@pytest.mark.parametrize("length", [LENGTH, 150])  # 150: causal_attention's query blocks of 64, 64 and 22
+def test_attention_gqa_with_padding(pair: Pair, length: int) -> None:
     block, layer, model = pair
     assert isinstance(layer.self_attn, hf_llama.LlamaAttention) and block.attn.kv_heads < block.attn.n_heads
-    x, pos = hidden(3), positions(REAL)
-    mask = llama.causal_mask(jnp.asarray(pos), None, jnp.asarray(REAL > 0))
+    real = np.ones((BATCH, length), np.int32)
+    real[1, length - 2:] = 0  # row 1: two padding tokens at the end
+    x, pos = hidden(3, length=length), positions(real)
+    mask = llama.causal_mask(jnp.asarray(pos), None, jnp.asarray(real > 0))
     out, _ = block.attn(jnp.asarray(x), jnp.asarray(pos), llama.rope_frequencies(block.config), mask, None)
     with torch.no_grad():
         expected, _ = layer.self_attn(torch.tensor(x), position_embeddings=rotary(model, torch.tensor(x), pos),
-                                      attention_mask=additive_mask(REAL))
+                                      attention_mask=additive_mask(real))
     within(out, expected)
 
 

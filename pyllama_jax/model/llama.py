@@ -130,14 +130,39 @@ class Attention(nnx.Module):
             return self.o(out.astype(kv[1].dtype).reshape(b, t, self.n_heads * self.head_dim)), kv
         if kv is not None:  # one layer's cache arrays (`KVCache.layer`); see Llama's kv_window
             kv, k, v = kv_cache.update(kv, k, v, positions, mask.shape[-1])
-        groups = self.n_heads // self.kv_heads
-        q = q.reshape(b, t, self.kv_heads, groups, self.head_dim)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-        scores = scores / math.sqrt(self.head_dim)
-        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, self.n_heads * self.head_dim)
-        return self.o(out), kv
+        q = q.reshape(b, t, self.kv_heads, self.n_heads // self.kv_heads, self.head_dim)
+        if kv is None:  # keys are the input tokens and the mask is causal: skip the blocks it hides
+            out = causal_attention(q, k, v, mask)
+        else:
+            out = attention(q, k, v, mask)
+        return self.o(out.reshape(b, t, self.n_heads * self.head_dim)), kv
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention of `q[b, t, kv_heads, groups, head_dim]` over `k, v[b, s, kv_heads, head_dim]`
+    where `mask[b, t, s]` allows it; `[b, t, kv_heads, groups, head_dim]`."""
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(q.shape[-1])
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v)
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, max_blocks: int = 16,
+                     min_block: int = 64) -> jax.Array:
+    """`attention` for a mask that hides every key after its query (`causal_mask` without a cache).
+
+    Queries go in at most `max_blocks` blocks of at least `min_block`, each over the keys up to its
+    last query, so most of the hidden upper triangle is neither multiplied nor exponentiated:
+    9/16 of the work at 512 tokens, 17/32 from 1,024 on.
+    """
+    t = q.shape[1]
+    block = max(min_block, -(-t // max_blocks))
+    parts = []
+    for start in range(0, t, block):
+        end = min(start + block, t)
+        parts.append(attention(q[:, start:end], k[:, :end], v[:, :end], mask[:, start:end, :end]))
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
 
 
 class MLP(nnx.Module):
