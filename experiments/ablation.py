@@ -8,7 +8,8 @@ cell resumes. The Markdown table, CSV and plot are rebuilt from all finished cel
 puts cells and tables in another folder (a trial run that must not join the real table).
 
     PYLLAMA_DATA_DIR=../shared/data python experiments/ablation.py --grid=reference
-    python experiments/ablation.py --grid=beyond   # act-order, MSE, more samples, AWQ, SignRound
+    python experiments/ablation.py --grid=beyond   # act-order, MSE, more samples, AWQ, SignRound, AWQ+GPTQ
+    python experiments/ablation.py --grid=novel    # calibrated on the novel's first 4/5, evaluated on its last 1/5
     python experiments/ablation.py --grid=sweep --windows=16 --nsamples=32
     python experiments/ablation.py --report   # tables and plot only
 """
@@ -21,6 +22,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -34,7 +36,10 @@ from pyllama_jax.quant.recipe import METHOD_DEFAULTS, QuantRecipe, recipe_fields
 RESULTS = os.path.join(REPO, "experiments", "results")
 SPREAD = os.path.join(RESULTS, "spread")  # gptq_spread.py's reruns: <cell key>-<variant>.json
 WIKI = "wikitext-2-raw/wiki.test.raw"
-CALIBRATION = {"gutenberg": "gutenberg/pride_and_prejudice.txt", "wiki-tail": WIKI + "@640000:"}
+NOVEL = "gutenberg/pride_and_prejudice.txt"
+NOVEL_SPLIT = 563316  # 4/5 of the novel's 704,145 characters
+CALIBRATION = {"gutenberg": NOVEL, "wiki-tail": WIKI + "@640000:", "gutenberg-head": f"{NOVEL}@0:{NOVEL_SPLIT}"}
+EVALUATION = {"wiki": WIKI, "gutenberg-tail": f"{NOVEL}@{NOVEL_SPLIT}:"}  # evaluation text: its first windows
 # ../shared/reference/gptq-smollm2.md: (recipe fields, calibration) -> reference perplexity
 REFERENCE = [
     (None, None, 30.03),
@@ -63,8 +68,24 @@ BEYOND = [  # improvements, each against its reference row
     (dict(nearest=True, wbits=3, groupsize=128, awq=True, awq_clip=True), "wiki-tail"),
     (dict(nearest=True, wbits=4, groupsize=128, signround_steps=200), "wiki-tail"),
     (dict(nearest=True, wbits=3, groupsize=128, signround_steps=200), "wiki-tail"),
+    (dict(wbits=4, groupsize=128, act_order=True, awq=True), "wiki-tail"),
+    (dict(wbits=3, groupsize=128, act_order=True, awq=True), "wiki-tail"),
 ]
-BEYOND_FIELDS = ("act_order", "mse", "nsamples", *METHOD_DEFAULTS)  # a BEYOND row without them: its baseline
+# Generalisation: every method calibrated on the novel's first four fifths (or on wiki-tail, to see how far
+# WikiText calibration carries) and evaluated on its last fifth, which no calibration window touches.
+NOVEL_GRID = [
+    (None, None),
+    (dict(nearest=True, wbits=4, groupsize=128), None),
+    (dict(wbits=4, groupsize=128, act_order=True), "gutenberg-head"),
+    (dict(nearest=True, wbits=4, groupsize=128, awq=True), "gutenberg-head"),
+    (dict(wbits=4, groupsize=128, act_order=True, awq=True), "gutenberg-head"),
+    (dict(nearest=True, wbits=4, groupsize=128, signround_steps=200), "gutenberg-head"),
+    (dict(wbits=4, groupsize=128, act_order=True), "wiki-tail"),
+    (dict(nearest=True, wbits=3, groupsize=128), None),
+    (dict(wbits=3, groupsize=128, act_order=True), "gutenberg-head"),
+    (dict(wbits=3, groupsize=128, act_order=True, awq=True), "gutenberg-head"),
+]
+BEYOND_FIELDS = ("act_order", "mse", "nsamples")  # options: a BEYOND row without them (or its method) is its baseline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,11 +94,13 @@ class Cell:
     calibration: str | None  # key of CALIBRATION (calibrated recipes only)
     windows: int
     seqlen: int = 512
+    evaluation: str = "wiki"  # key of EVALUATION
 
     @property
     def key(self) -> str:
-        blob = json.dumps([recipe_fields(self.recipe) if self.recipe else None, self.calibration,
-                           self.windows, self.seqlen], sort_keys=True)
+        fields = [recipe_fields(self.recipe) if self.recipe else None, self.calibration, self.windows, self.seqlen]
+        # cells evaluated on WikiText keep the keys they had before other evaluation texts existed
+        blob = json.dumps(fields + ([self.evaluation] if self.evaluation != "wiki" else []), sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
     def label(self) -> str:
@@ -113,7 +136,7 @@ def run_cell(cell: Cell, model_name: str = "smollm2-135m", calib: np.ndarray | N
     import pyllama_jax as pj
 
     model = pj.load(model_name)
-    ids = corpus_ids(model.tokenizer, os.path.join(data_dir(), WIKI))
+    ids = corpus_ids(model.tokenizer, os.path.join(data_dir(), EVALUATION[cell.evaluation]))
     windows = eval_windows(ids, cell.seqlen, cell.windows)
     start = time.perf_counter()
     if cell.recipe is not None and cell.recipe.calibrated:
@@ -125,7 +148,8 @@ def run_cell(cell: Cell, model_name: str = "smollm2-135m", calib: np.ndarray | N
     quant_seconds = time.perf_counter() - start
     start = time.perf_counter()
     nlls = window_nlls(model.module, windows, batch_size=8)
-    return {"label": cell.label(), "calibration": cell.calibration, "windows": int(len(nlls)),
+    return {"label": cell.label(), "calibration": cell.calibration, "evaluation": cell.evaluation,
+            "windows": int(len(nlls)),
             "seqlen": cell.seqlen, "recipe": recipe_fields(cell.recipe) if cell.recipe else None,
             "perplexity": float(np.exp(nlls.mean())), "window_nlls": nlls.tolist(),
             "bits_per_weight": model_bpw(cell.recipe, model.config),
@@ -133,16 +157,20 @@ def run_cell(cell: Cell, model_name: str = "smollm2-135m", calib: np.ndarray | N
 
 
 def cells_for(grid: str, windows: int, nsamples: int) -> list[Cell]:
+    evaluation = "gutenberg-tail" if grid == "novel" else "wiki"
+
     def cell(fields, calib):
         if fields is None:
-            return Cell(None, None, windows)
+            return Cell(None, None, windows, evaluation=evaluation)
         recipe = QuantRecipe(**{"nsamples": nsamples, "seqlen": 512, **fields})
-        return Cell(recipe, calib if recipe.calibrated else None, windows)
+        return Cell(recipe, calib if recipe.calibrated else None, windows, evaluation=evaluation)
 
     if grid == "reference":
         return [cell(f, c) for f, c, _ in REFERENCE]
     if grid == "beyond":
         return [cell(f, c) for f, c in BEYOND]
+    if grid == "novel":
+        return [cell(f, c) for f, c in NOVEL_GRID]
     sweep = [cell(None, None)]
     for bits in (2, 3, 4, 8):
         for gs in (32, 128, -1):
@@ -167,21 +195,25 @@ def _load_cell(path: str) -> dict:
 
 
 def report(results: str = RESULTS) -> None:
-    """Rebuild reference.md, sweep.md, ablation.csv and ablation.png in `results` from its finished cells."""
+    """Rebuild reference.md, novel.md, sweep.md, ablation.csv and ablation.png in `results` from its finished cells."""
     folder = os.path.join(results, "cells")
     rows = [dict(_load_cell(os.path.join(folder, f)), key=f.removesuffix(".json"))
             for f in sorted(os.listdir(folder)) if f.endswith(".json")]
-    _write_reference(rows, results)
-    _write_sweep(rows, results)
-    fields = ["label", "calibration", "nsamples", "windows", "perplexity", "bits_per_weight", "quant_seconds",
-              "eval_seconds"]
+    wiki = [r for r in rows if r.get("evaluation", "wiki") == "wiki"]
+    _write_reference(wiki, results)
+    _write_novel([r for r in rows if r.get("evaluation") == "gutenberg-tail"], results)
+    _write_sweep(wiki, results)
+    fields = ["label", "calibration", "nsamples", "evaluation", "windows", "perplexity", "runs", "mean", "min", "max",
+              "bits_per_weight", "quant_seconds", "eval_seconds"]
     tmp = os.path.join(results, "ablation.csv.tmp")
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(fields)
-        for r in sorted(rows, key=lambda r: (r["windows"], r["bits_per_weight"], r["label"])):
+        for r in sorted(rows, key=lambda r: (r.get("evaluation", "wiki"), r["windows"], r["bits_per_weight"], r["label"])):
+            runs = all_runs(r)
             w.writerow([r["label"], r["calibration"] or "-", (r["recipe"] or {}).get("nsamples", "-") if r["calibration"] else "-",
-                        r["windows"], f"{r['perplexity']:.4f}", f"{r['bits_per_weight']:.4f}",
+                        r.get("evaluation", "wiki"), r["windows"], f"{r['perplexity']:.4f}", len(runs),
+                        f"{np.mean(runs):.4f}", f"{min(runs):.4f}", f"{max(runs):.4f}", f"{r['bits_per_weight']:.4f}",
                         f"{r['quant_seconds']:.1f}", f"{r['eval_seconds']:.1f}"])
     os.replace(tmp, os.path.join(results, "ablation.csv"))
     _plot(rows, results)
@@ -193,6 +225,33 @@ def reruns(key: str) -> dict[str, float]:
     found = [(f.removesuffix(".json").partition("-")[2], os.path.join(SPREAD, f)) for f in names
              if f.endswith(".json") and f.startswith(key + "-")]
     return {variant: json.load(open(path))["perplexity"] for variant, path in found}
+
+
+def all_runs(row: dict) -> list[float]:
+    """Perplexities of a finished cell and of its `gptq_spread.py` reruns."""
+    return [row["perplexity"], *reruns(row["key"]).values()]
+
+
+def mean_se(runs: Sequence[float]) -> tuple[float, float]:
+    """Mean and its standard error (sample standard deviation / sqrt(n); 0 for one run)."""
+    return float(np.mean(runs)), float(np.std(runs, ddof=1) / np.sqrt(len(runs))) if len(runs) > 1 else 0.0
+
+
+def runs_text(runs: Sequence[float]) -> str:
+    """`mean +- SE (min - max, n runs)`, or the one figure."""
+    if len(runs) == 1:
+        return f"{runs[0]:.2f} (1 run)"
+    mean, se = mean_se(runs)
+    return f"{mean:.2f} +- {se:.2f} ({min(runs):.2f} - {max(runs):.2f}, {len(runs)} runs)"
+
+
+def against(runs: Sequence[float], base: Sequence[float]) -> str:
+    """The difference of two means in percent, and in standard errors of that difference where both have reruns."""
+    (m, se), (mb, seb) = mean_se(runs), mean_se(base)
+    text = f"{100 * (m / mb - 1):+.1f}%"
+    if len(runs) > 1 and len(base) > 1:
+        text += f", {(m - mb) / np.hypot(se, seb):+.1f} SE"
+    return text
 
 
 def _find(rows, fields, calib, windows):
@@ -228,19 +287,50 @@ def _write_reference(rows, results: str) -> None:
         lines.append(f"| {label} | {calib or '-'} | {ref:.2f} | {r['perplexity']:.2f} | "
                      f"{100 * (r['perplexity'] / ref - 1):+.2f}% | {spread} | {qt} |")
     lines += ["", "## Beyond the reference (same protocol)", "",
-              "| setting | calibration | calibration samples | perplexity | its reference-protocol row, ours: "
-              "mean (min - max of runs) |", "|---|---|---|---|---|"]
+              "Each setting against its baseline: the same recipe without its method (AWQ, SignRound), or plain GPTQ "
+              "for an option (act-order, MSE, calibration size); both as means of the cell and its reruns "
+              "(`gptq_spread.py --grid=beyond`); SE = standard error of the difference of the means.", "",
+              "| setting | calibration | calibration samples | bits per weight | perplexity: mean +- SE (range, runs) "
+              "| baseline | difference | against FP32 |", "|---|---|---|---|---|---|---|---|"]
+    fp32 = _find(rows, None, None, 128)
     for fields, calib in BEYOND:
         r = _find(rows, fields, calib, 128)
         if r is None:
             continue
-        base_fields = {k: v for k, v in fields.items() if k not in BEYOND_FIELDS}
+        # a method's row against the same recipe without it; an option's row against plain GPTQ
+        drop = METHOD_DEFAULTS if any(k in METHOD_DEFAULTS for k in fields) else BEYOND_FIELDS
+        base_fields = {k: v for k, v in fields.items() if k not in drop}
         base = _find(rows, base_fields, calib if QuantRecipe(**base_fields).calibrated else None, 128)
-        runs = [base["perplexity"], *reruns(base["key"]).values()] if base else []
-        baseline = f"{np.mean(runs):.2f} ({min(runs):.2f} - {max(runs):.2f})" if runs else "-"
-        lines.append(f"| {QuantRecipe(**fields).describe()} | {calib or '-'} | "
-                     f"{fields.get('nsamples', 128) if calib else '-'} | {r['perplexity']:.2f} | {baseline} |")
+        runs, base_runs = all_runs(r), all_runs(base) if base else []
+        lines.append(f"| {QuantRecipe(**fields).describe()} | {calib or '-'} | {fields.get('nsamples', 128)} | "
+                     f"{r['bits_per_weight']:.2f} | {runs_text(runs)} | "
+                     f"{runs_text(base_runs) + ' ' + base['label'] if base else '-'} | "
+                     f"{against(runs, base_runs) if base else '-'} | "
+                     f"{against(runs, [fp32['perplexity']]) if fp32 else '-'} |")
     _write(os.path.join(results, "reference.md"), "\n".join(lines) + "\n")
+
+
+def _write_novel(rows, results: str) -> None:
+    """novel.md: every cell evaluated on the last fifth of the novel, against RTN and FP32 on the same windows."""
+    if not rows:
+        return
+    fp32 = next((r for r in rows if r["recipe"] is None), None)
+    lines = ["# Generalisation: SmolLM2-135M-Instruct on the last fifth of the Gutenberg novel", "",
+             f"`experiments/ablation.py --grid=novel`: perplexity on `{EVALUATION['gutenberg-tail']}` "
+             f"(its first {rows[0]['windows']} windows of 512). `gutenberg-head` calibration draws its 128 windows "
+             f"from the first four fifths (`{CALIBRATION['gutenberg-head']}`), so no evaluation token was seen; "
+             "`wiki-tail` is the WikiText calibration of the reference table.", "",
+             "| setting | calibration | bits per weight | perplexity: mean +- SE (range, runs) | against RTN, same bits "
+             "| against FP32 |", "|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["recipe"] is not None, -(r["recipe"] or {}).get("wbits", 32), r["label"])):
+        rtn = next((q for q in rows if q["recipe"] and q["recipe"]["nearest"] and not q["recipe"]["awq"]
+                    and not q["recipe"]["signround_steps"] and r["recipe"]
+                    and (q["recipe"]["wbits"], q["recipe"]["groupsize"]) == (r["recipe"]["wbits"], r["recipe"]["groupsize"])), None)
+        runs = all_runs(r)
+        lines.append(f"| {r['label']} | {r['calibration'] or '-'} | {r['bits_per_weight']:.2f} | {runs_text(runs)} | "
+                     f"{against(runs, all_runs(rtn)) if rtn and rtn is not r else '-'} | "
+                     f"{against(runs, [fp32['perplexity']]) if fp32 and r is not fp32 else '-'} |")
+    _write(os.path.join(results, "novel.md"), "\n".join(lines) + "\n")
 
 
 def _write_sweep(rows, results: str) -> None:
@@ -271,31 +361,57 @@ def _write_sweep(rows, results: str) -> None:
 
 
 def _plot(rows, results: str) -> None:
+    """ablation.png: perplexity against stored bits per weight, one panel per evaluation set (all its cells on the
+    same windows), FP32 as a line, every point labelled with its groupsize and method; reruns as mean and range."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for windows in sorted({r["windows"] for r in rows}):
-        sel = [r for r in rows if r["windows"] == windows and r["recipe"] is not None]
-        method = lambda r: QuantRecipe(**r["recipe"]).method
-        for name, marker in zip(sorted({method(r) for r in sel}), "os^DP*vXh<>"):
-            pts = sorted((r["bits_per_weight"], r["perplexity"]) for r in sel if method(r) == name)
-            ax.scatter(*zip(*pts), marker=marker, label=f"{name} ({windows} windows)")
-    ax.set_xlabel("bits per weight (incl. fp16 scales, packed zeros, g_idx)")
-    ax.set_ylabel("WikiText-2 perplexity")
-    ax.set_yscale("log")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    panels = sorted({(r.get("evaluation", "wiki"), r["windows"]) for r in rows}, key=lambda p: (p[0] != "wiki", -p[1]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5.5), squeeze=False)
+    names = {"wiki": "WikiText-2 test", "gutenberg-tail": "Gutenberg novel, last fifth"}
+    for ax, (evaluation, windows) in zip(axes[0], panels):
+        sel = [r for r in rows if r.get("evaluation", "wiki") == evaluation and r["windows"] == windows]
+        for r in sel:
+            if r["recipe"] is None:
+                ax.axhline(r["perplexity"], color="k", ls="--", lw=1, label=f"FP32 {r['perplexity']:.2f}")
+        quantized = [r for r in sel if r["recipe"] is not None]
+        methods = sorted({_method(r) for r in quantized})
+        for i, (method, marker) in enumerate(zip(methods, "os^DP*vXh<>pd12348")):
+            for r in (r for r in quantized if _method(r) == method):
+                runs = all_runs(r)
+                mean = float(np.mean(runs))
+                x = r["bits_per_weight"] + 0.05 * (i - (len(methods) - 1) / 2)  # methods side by side at one width
+                ax.errorbar(x, mean, yerr=[[mean - min(runs)], [max(runs) - mean]], fmt=marker, capsize=3,
+                            color=f"C{i % 10}", label=method)
+                group = "per-row" if r["recipe"]["groupsize"] == -1 else f"g{r['recipe']['groupsize']}"
+                ax.annotate(f"{r['recipe']['wbits']}b {group}" + (f" x{len(runs)}" if len(runs) > 1 else ""),
+                            (x, mean), fontsize=6, xytext=(4, 2), textcoords="offset points", color=f"C{i % 10}")
+        handles, labels = ax.get_legend_handles_labels()
+        unique = dict(zip(labels, handles))
+        ax.legend(unique.values(), unique.keys(), fontsize=7)
+        ax.set_title(f"{names.get(evaluation, evaluation)}: first {windows} windows of 512" if evaluation == "wiki"
+                     else f"{names.get(evaluation, evaluation)}: {windows} windows of 512", fontsize=9)
+        ax.set_xlabel("bits per weight (incl. fp16 scales, packed zeros, g_idx)")
+        ax.set_ylabel("perplexity (mean of runs; bars: range)")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(os.path.join(results, "ablation.png.tmp.png"), dpi=120)
     os.replace(os.path.join(results, "ablation.png.tmp.png"), os.path.join(results, "ablation.png"))
 
 
+def _method(row: dict) -> str:
+    """A plotted cell's method in words, with its calibration text and size: `GPTQ act-order (wiki-tail, 128)`."""
+    q = QuantRecipe(**row["recipe"])
+    name = q.method + (" mse" if q.mse else "") + (" sym" if q.sym else "")
+    return name + (f" ({row['calibration']}, {q.nsamples})" if row["calibration"] else "")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--grid", choices=["reference", "beyond", "sweep"], default="reference")
+    p.add_argument("--grid", choices=["reference", "beyond", "novel", "sweep"], default="reference")
     p.add_argument("--windows", type=int, default=128, help="evaluation windows of 512 tokens")
     p.add_argument("--nsamples", type=int, default=128, help="GPTQ calibration windows of 512 tokens")
     p.add_argument("--only", type=int, nargs="*", help="indices of the grid's cells to run, in this order")

@@ -1,16 +1,18 @@
 """How far floating-point rounding alone moves a GPTQ perplexity on SmolLM2-135M.
 
-Reruns a reference row of `ablation.py` in variants that compute the same mathematics:
+Reruns a calibrated row of an `ablation.py` grid (default: the reference table) in variants that compute the same mathematics:
 - `order<seed>`: the calibration windows in a shuffled order, so every Hessian sums the same
   terms in another order;
 - `batch<n>`: block activations computed n calibration windows at a time instead of 8;
 - `hf-ids`: the windows cut from transformers' GGUF tokenizer's ids, the reference's exact input
   (a few ids differ from ours, see `README.md`).
-The spread of these runs is the noise floor against which a 1% match to the reference can be
-judged. Each variant is saved under `experiments/results/spread/` and skipped when rerun; the
-table goes to `experiments/results/gptq_spread.md`.
+The spread of these runs is the noise floor against which a 1% match to the reference, or a method's
+gain, can be judged. Each variant is saved under `experiments/results/spread/` and skipped when
+rerun; the reference rows' table goes to `experiments/results/gptq_spread.md`, and every grid's
+reruns join its means in `ablation.py --report`'s tables.
 
     PYLLAMA_DATA_DIR=../shared/data python experiments/gptq_spread.py --rows 7 8
+    python experiments/gptq_spread.py --grid=beyond --rows 7 --variants order1 order2
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import numpy as np
 
 from ablation import (CALIBRATION, REFERENCE, RESULTS, SPREAD, Cell, _write, cell_calibration, cells_for,
                       reruns, run_cell)
+from ablation import report as ablation_report
 
 from pyllama_jax.data.text import calibration_windows, data_dir, load_text
 
@@ -89,14 +92,15 @@ def report() -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--rows", type=int, nargs="*", default=[], help="indices of ablation.REFERENCE (GPTQ rows)")
+    p.add_argument("--grid", choices=["reference", "beyond", "novel"], default="reference")
+    p.add_argument("--rows", type=int, nargs="*", default=[], help="indices of the grid's calibrated rows")
     p.add_argument("--variants", nargs="+", type=variant_name, default=list(VARIANTS))
     p.add_argument("--report", action="store_true", help="only rebuild the table")
     args = p.parse_args()
-    cells = cells_for("reference", 128, 128)
+    cells = cells_for(args.grid, 128, 128)
     bad = [i for i in args.rows if not 0 <= i < len(cells) or cells[i].calibration is None]
     if bad or not (args.rows or args.report):
-        p.error(f"--rows {bad}: expected indices of GPTQ rows of ablation.REFERENCE "
+        p.error(f"--rows {bad}: expected indices of calibrated rows of the {args.grid} grid "
                 f"({[i for i, c in enumerate(cells) if c.calibration]})")
     os.makedirs(SPREAD, exist_ok=True)
     if not args.report:
@@ -110,6 +114,7 @@ def main() -> None:
                 print(f"    perplexity {result['perplexity']:.3f} (quantize {result['quant_seconds']:.0f} s)", flush=True)
                 _write(path, json.dumps(result, indent=1))
                 report()
+                ablation_report()
     report()
 
 
