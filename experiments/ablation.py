@@ -70,6 +70,7 @@ BEYOND = [  # improvements, each against its reference row
     (dict(nearest=True, wbits=3, groupsize=128, signround_steps=200), "wiki-tail"),
     (dict(wbits=4, groupsize=128, act_order=True, awq=True), "wiki-tail"),
     (dict(wbits=3, groupsize=128, act_order=True, awq=True), "wiki-tail"),
+    (dict(wbits=4, groupsize=128, act_order=True, awq=True, awq_clip=True), "wiki-tail"),
 ]
 # Generalisation: every method calibrated on the novel's first four fifths (or on wiki-tail, to see how far
 # WikiText calibration carries) and evaluated on its last fifth, which no calibration window touches.
@@ -189,9 +190,11 @@ def _write(path: str, text: str) -> None:
 
 
 def _load_cell(path: str) -> dict:
-    """A finished cell, its recipe with every field (cells made before a method was added lack its field)."""
+    """A finished cell, its recipe with every field (cells made before a method or the evaluation field was
+    added lack it)."""
     row = json.load(open(path))
-    return dict(row, recipe=with_method_defaults(row["recipe"]) if row["recipe"] else None)
+    return dict(row, recipe=with_method_defaults(row["recipe"]) if row["recipe"] else None,
+                evaluation=row.get("evaluation", "wiki"))
 
 
 def report(results: str = RESULTS) -> None:
@@ -199,9 +202,9 @@ def report(results: str = RESULTS) -> None:
     folder = os.path.join(results, "cells")
     rows = [dict(_load_cell(os.path.join(folder, f)), key=f.removesuffix(".json"))
             for f in sorted(os.listdir(folder)) if f.endswith(".json")]
-    wiki = [r for r in rows if r.get("evaluation", "wiki") == "wiki"]
+    wiki = [r for r in rows if r["evaluation"] == "wiki"]
     _write_reference(wiki, results)
-    _write_novel([r for r in rows if r.get("evaluation") == "gutenberg-tail"], results)
+    _write_novel([r for r in rows if r["evaluation"] == "gutenberg-tail"], results)
     _write_sweep(wiki, results)
     fields = ["label", "calibration", "nsamples", "evaluation", "windows", "perplexity", "runs", "mean", "min", "max",
               "bits_per_weight", "quant_seconds", "eval_seconds"]
@@ -209,10 +212,10 @@ def report(results: str = RESULTS) -> None:
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(fields)
-        for r in sorted(rows, key=lambda r: (r.get("evaluation", "wiki"), r["windows"], r["bits_per_weight"], r["label"])):
+        for r in sorted(rows, key=lambda r: (r["evaluation"], r["windows"], r["bits_per_weight"], r["label"])):
             runs = all_runs(r)
             w.writerow([r["label"], r["calibration"] or "-", (r["recipe"] or {}).get("nsamples", "-") if r["calibration"] else "-",
-                        r.get("evaluation", "wiki"), r["windows"], f"{r['perplexity']:.4f}", len(runs),
+                        r["evaluation"], r["windows"], f"{r['perplexity']:.4f}", len(runs),
                         f"{np.mean(runs):.4f}", f"{min(runs):.4f}", f"{max(runs):.4f}", f"{r['bits_per_weight']:.4f}",
                         f"{r['quant_seconds']:.1f}", f"{r['eval_seconds']:.1f}"])
     os.replace(tmp, os.path.join(results, "ablation.csv"))
@@ -368,11 +371,11 @@ def _plot(rows, results: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = sorted({(r.get("evaluation", "wiki"), r["windows"]) for r in rows}, key=lambda p: (p[0] != "wiki", -p[1]))
+    panels = sorted({(r["evaluation"], r["windows"]) for r in rows}, key=lambda p: (p[0] != "wiki", -p[1]))
     fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5.5), squeeze=False)
     names = {"wiki": "WikiText-2 test", "gutenberg-tail": "Gutenberg novel, last fifth"}
     for ax, (evaluation, windows) in zip(axes[0], panels):
-        sel = [r for r in rows if r.get("evaluation", "wiki") == evaluation and r["windows"] == windows]
+        sel = [r for r in rows if r["evaluation"] == evaluation and r["windows"] == windows]
         for r in sel:
             if r["recipe"] is None:
                 ax.axhline(r["perplexity"], color="k", ls="--", lw=1, label=f"FP32 {r['perplexity']:.2f}")
